@@ -1,0 +1,33 @@
+# dsxfer: `make demo` runs the main job on the embedded default model, `make test` runs the tests.
+# Both create or re-use .venv. torch is pinned and installed first: an unpinned torch pulls a
+# multi-GB CUDA build, while torch==2.13.0 installs a CPU build in seconds.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install $(TORCH) 2>&1 | grep -v "is ignored" || true
+	@$(PIP) install -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	@$(PY) -c "import dsxfer, torch; assert torch.__version__.startswith('2.13.0')" \
+		|| { echo "install failed: see the pip output above"; exit 1; }
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dsxfer demo
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+test-all: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not gpu" tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
