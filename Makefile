@@ -1,6 +1,8 @@
 # dsxfer: `make demo` runs the main job on the embedded default model, `make test` runs the tests.
 # Both create or re-use .venv. torch is pinned and installed first: an unpinned torch pulls a
 # multi-GB CUDA build, while torch==2.13.0 installs a CPU build in seconds.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,10 +14,10 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PIP) install $(TORCH) 2>&1 | grep -v "is ignored" || true
-	@$(PIP) install -e '.[dev]' 2>&1 | grep -v "is ignored" || true
-	@$(PY) -c "import dsxfer, torch; assert torch.__version__.startswith('2.13.0')" \
-		|| { echo "install failed: see the pip output above"; exit 1; }
+	@echo "installing torch (CPU build) and dsxfer into $(VENV) ..."
+	@$(PIP) install $(TORCH) 2>&1 | { grep -v "is ignored" || true; }
+	@$(PIP) install -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
+	@cd /tmp && $(CURDIR)/$(PY) -c "import dsxfer.cli, pytest, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,1 @@
+"""Data: readers, task registry, featurization, k-shot sampling."""
