@@ -1,0 +1,196 @@
+"""Soft prompts and prompt injection on tiny real transformers models (XLM-R, BERT, Llama, Qwen2)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import (AttentionInterface, BertConfig, BertModel, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model,
+                          XLMRobertaConfig, XLMRobertaModel)
+from transformers import masking_utils
+
+from dsxfer import prompts
+from dsxfer.config import load_config
+from dsxfer.errors import ConfigError, DataError
+from dsxfer.model import TransferModel
+
+ENCODERS = ("xlm-roberta", "bert")
+DECODERS = ("llama", "qwen2")
+
+
+def tiny_backbone(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if arch == "xlm-roberta":
+        return XLMRobertaModel(XLMRobertaConfig(**common, max_position_embeddings=80, pad_token_id=1))
+    if arch == "bert":
+        return BertModel(BertConfig(**common, max_position_embeddings=80))
+    if arch == "llama":
+        return LlamaModel(LlamaConfig(**common, num_key_value_heads=2))
+    return Qwen2Model(Qwen2Config(**common, num_key_value_heads=2))
+
+
+def config(*overrides):
+    return load_config(None, ["model.max_length=64", "model.doc_stride=16", "alignment.enabled=false", *overrides])
+
+
+def batch(seed=1, B=3, T=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if B >= 3:
+        mask[1, 6:] = 0  # right padding in two rows
+        mask[2, 4:] = 0
+    ids[mask == 0] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", ENCODERS + DECODERS)
+def test_prompts_disabled_equal_plain_backbone(arch):
+    plain = tiny_backbone(arch).eval()
+    model = TransferModel(tiny_backbone(arch), config("prompts.length=0", "injection.length=0")).eval()
+    b = batch()
+    with torch.no_grad():
+        out = model(b)
+        states = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        start, end = model.head(states)
+    real = b["attention_mask"].bool()
+    assert model.backbone.config._attn_implementation == prompts.ATTN_IMPLEMENTATION
+    torch.testing.assert_close(out["start_logits"][real], start[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["end_logits"][real], end[real], atol=1e-5, rtol=1e-5)
+
+
+# An independent fp64 attention with the prefix concatenated by hand. It gets transformers' own
+# materialised 4D boolean mask (causal and padding already inside), so it shares nothing with
+# dsxfer's mask translation or with the kernel.
+MANUAL = "test_manual_prefix"
+
+
+def _manual_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    prefix_k, prefix_v = (prompts._active.prefixes or {}).get(module.layer_idx, (None, None))
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    if prefix_k is not None:
+        key = torch.cat([prefix_k.unsqueeze(0).expand(B, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix_v.unsqueeze(0).expand(B, -1, -1, -1), value], dim=2)
+    P = key.shape[2] - T
+    key = key.repeat_interleave(Hq // Hkv, dim=1)  # grouped-query attention by copying each kv head
+    value = value.repeat_interleave(Hq // Hkv, dim=1)
+    scores = query @ key.transpose(-1, -2) * (scaling if scaling is not None else 1 / math.sqrt(D))
+    allowed = torch.ones(B, 1, T, P + T, dtype=torch.bool)
+    if attention_mask is not None:
+        allowed[..., P:] = attention_mask
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (probs @ value).transpose(1, 2), None
+
+
+def _manual_mask(*args, **kwargs):
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    return masking_utils.sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(MANUAL, _manual_attention)
+masking_utils.AttentionMaskInterface.register(MANUAL, _manual_mask)
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "llama"])
+@pytest.mark.parametrize("reparam", [False, True])
+def test_injected_attention_matches_hand_concatenation_fp64(arch, reparam):
+    cfg = config("prompts.length=2", "injection.length=3", "injection.layers=all", f"injection.reparam={str(reparam).lower()}",
+                 "injection.reparam_hidden=16")
+    model = TransferModel(tiny_backbone(arch), cfg).double().eval()
+    for p in model.injection.parameters():  # larger prefixes so that they matter in the comparison
+        p.data.normal_(0, 0.5)
+    twin = copy.deepcopy(model)
+    twin.backbone.config._attn_implementation = MANUAL
+    b = batch()
+    b["start_positions"] = torch.tensor([1, 2, 0])
+    b["end_positions"] = torch.tensor([3, 4, 1])
+    outs = []
+    for m in (model, twin):
+        out = m(b)
+        out["loss"].backward()
+        outs.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    (o1, g1), (o2, g2) = outs
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(o1["start_logits"][real], o2["start_logits"][real], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(o1["end_logits"][real], o2["end_logits"][real], atol=1e-10, rtol=1e-10)
+    assert set(g1) == set(g2) and any("injection" in n for n in g1)
+    for name in g1:
+        assert g1[name].abs().sum() > 0, name
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_decoder_prefix_is_visible_to_every_query_and_keeps_causality():
+    cfg = config("prompts.length=0", "injection.length=2", "injection.reparam=false")
+    model = TransferModel(tiny_backbone("qwen2"), cfg).eval()
+    b = batch(B=1, T=8)
+    with torch.no_grad():
+        base = model(b)["start_logits"]
+        changed = dict(b)
+        changed["input_ids"] = b["input_ids"].clone()
+        changed["input_ids"][0, 5] = 7 if int(b["input_ids"][0, 5]) != 7 else 8
+        after = model(changed)["start_logits"]
+        model.injection.keys["0"].data.add_(1.0)
+        moved = model(b)["start_logits"]
+    # causal: changing token 5 leaves positions 0..4 alone; the prefix reaches position 0 already
+    torch.testing.assert_close(after[0, :5], base[0, :5])
+    assert (after[0, 5:] - base[0, 5:]).abs().min() > 0
+    assert (moved[0] - base[0]).abs().min() > 0
+
+
+def test_top_layer_injection_leaves_lower_layers_alone():
+    cfg = config("prompts.length=0", "injection.length=2", "injection.layers=[1]", "injection.reparam=false")
+    model = TransferModel(tiny_backbone("xlm-roberta"), cfg).eval()
+    plain = tiny_backbone("xlm-roberta").eval()
+    b = batch()
+    with torch.no_grad():
+        ours, _ = model._encode(b["input_ids"], b["attention_mask"], None, prompted=True, hidden_states=True)
+        ref = plain(**b, output_hidden_states=True)
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(ours.hidden_states[1][real], ref.hidden_states[1][real], atol=1e-5, rtol=1e-5)
+    assert (ours.hidden_states[2][real] - ref.hidden_states[2][real]).abs().max() > 1e-3
+
+
+def test_soft_prompt_initialised_from_vocabulary_and_text():
+    backbone = tiny_backbone("bert")
+    emb = backbone.get_input_embeddings()
+    init = prompts.vocabulary_init(emb, 5, token_ids=[7, 9])
+    torch.testing.assert_close(init, emb.weight[[7, 9, 7, 9, 7]].detach())
+    rand = prompts.vocabulary_init(emb, 6, generator=torch.Generator().manual_seed(0))
+    rows = [(emb.weight.detach() == r).all(-1).nonzero() for r in rand]
+    assert all(len(r) == 1 and r.item() >= 4 for r in rows)  # each row is a real, non-special vocabulary row
+
+
+def test_task_and_language_prompts_saved_separately_and_composed(tmp_path):
+    hidden = 32
+    task = prompts.SoftPrompt(3, hidden)
+    lang = prompts.SoftPrompt(2, hidden)
+    task.save(tmp_path / "task.safetensors")
+    lang.save(tmp_path / "lang.safetensors")
+    cfg = config("prompts.length=0", "injection.length=0", f"prompts.task_prompt={tmp_path / 'task.safetensors'}",
+                 f"prompts.language_prompt={tmp_path / 'lang.safetensors'}")
+    model = TransferModel(tiny_backbone("xlm-roberta"), cfg).eval()
+    assert model.num_virtual_tokens == 5
+    composed = model.prompt(1)[0]
+    torch.testing.assert_close(composed, torch.cat([task.embeddings, lang.embeddings]).detach())
+    assert not any(p.requires_grad for p in model.prompt.parameters())  # loaded prompts stay frozen
+    b = batch()
+    with torch.no_grad():
+        out = model(b)
+    assert out["start_logits"].shape == b["input_ids"].shape  # virtual positions are cut off
+
+
+def test_bad_prompt_files_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="prompt file not found"):
+        prompts.SoftPrompt.load(tmp_path / "none.safetensors", 32)
+    prompts.SoftPrompt(2, 16).save(tmp_path / "narrow.safetensors")
+    with pytest.raises(DataError, match="needs width 32"):
+        prompts.SoftPrompt.load(tmp_path / "narrow.safetensors", 32)
+
+
+def test_prefix_on_missing_layer_fails_before_training():
+    with pytest.raises(ConfigError, match=r"injection.layers=\[0, 5\] is invalid: layer 5 does not exist, this backbone has 2 layers"):
+        TransferModel(tiny_backbone("xlm-roberta"), config("injection.layers=[0, 5]"))
