@@ -1,0 +1,146 @@
+"""TransferModel: heads for encoders and decoders, the loss composition, trainable state, config checks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model, XLMRobertaConfig, XLMRobertaModel
+
+from dsxfer.config import load_config
+from dsxfer.errors import ConfigError, DataError
+from dsxfer.model import TransferModel, check_k_shot
+
+
+def tiny_backbone(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if arch == "xlm-roberta":
+        return XLMRobertaModel(XLMRobertaConfig(**common, max_position_embeddings=80, pad_token_id=1))
+    if arch == "bert":
+        return BertModel(BertConfig(**common, max_position_embeddings=80))
+    if arch == "llama":
+        return LlamaModel(LlamaConfig(**common, num_key_value_heads=2))
+    return Qwen2Model(Qwen2Config(**common, num_key_value_heads=2))
+
+
+def config(*overrides):
+    return load_config(None, ["model.max_length=64", "model.doc_stride=16", "alignment.enabled=false", *overrides])
+
+
+def pair_batch():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, 120, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    mask[2, 7:] = 0
+    ids[mask == 0] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": (torch.arange(9) > 3).long().expand(3, -1),
+            "labels": torch.tensor([0, 1, 1])}
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "bert", "llama", "qwen2"])
+def test_classification_pools_first_token_for_encoders_last_real_token_for_decoders(arch):
+    model = TransferModel(tiny_backbone(arch), config("model.task=classification", "model.num_labels=3",
+                                                      "prompts.length=0", "injection.length=0")).eval()
+    plain = tiny_backbone(arch).eval()
+    b = pair_batch()
+    kwargs = {k: b[k] for k in ("input_ids", "attention_mask")}
+    if arch == "bert":
+        kwargs["token_type_ids"] = b["token_type_ids"]
+    else:
+        b.pop("token_type_ids")
+    with torch.no_grad():
+        out = model(b)
+        states = plain(**kwargs).last_hidden_state
+    last = b["attention_mask"].sum(1) - 1
+    pooled = states[torch.arange(3), last] if arch in ("llama", "qwen2") else states[:, 0]
+    expected = model.head.out(pooled)
+    torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["task_loss"], F.cross_entropy(expected, b["labels"]), atol=1e-5, rtol=1e-5)
+    assert out["logits"].shape == (3, 3)
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "qwen2"])
+def test_qa_logits_cover_real_tokens_only_and_loss_is_mean_of_start_end(arch):
+    model = TransferModel(tiny_backbone(arch), config("prompts.length=4", "injection.length=2")).eval()
+    b = pair_batch()
+    b.pop("labels")
+    b.pop("token_type_ids")
+    b["start_positions"] = torch.tensor([1, 2, 3])
+    b["end_positions"] = torch.tensor([2, 2, 6])
+    with torch.no_grad():
+        out = model(b)
+    assert out["start_logits"].shape == out["end_logits"].shape == b["input_ids"].shape
+    expected = (F.cross_entropy(out["start_logits"], b["start_positions"]) + F.cross_entropy(out["end_logits"], b["end_positions"])) / 2
+    torch.testing.assert_close(out["task_loss"], expected)
+    assert float(out["align_loss"]) == 0.0 and float(out["preserve_loss"]) == 0.0
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_preservation_is_kl_between_unprompted_and_prompted_head_outputs():
+    model = TransferModel(tiny_backbone("xlm-roberta"), config("model.task=classification", "prompts.length=3",
+                                                               "alignment.preservation_weight=0.5"))
+    model.train()
+    model.head.dropout.p = 0.0  # deterministic for the comparison
+    b = pair_batch()
+    b.pop("token_type_ids")
+    out = model(b)
+    with torch.no_grad():
+        unprompted = model._task_outputs(b, prompted=False)["logits"]
+    p = torch.softmax(unprompted, -1)
+    q = torch.softmax(out["logits"].detach(), -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    assert float(expected) > 1e-6
+    torch.testing.assert_close(out["preserve_loss"].detach(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["loss"].detach(), out["task_loss"].detach() + 0.5 * expected, atol=1e-6, rtol=1e-5)
+
+
+def test_trainable_state_round_trip_and_mismatch_errors(tmp_path):
+    cfg = config("prompts.length=3", "injection.length=2", "adapters.lora=true", "freezing.strategy=bias_only")
+    model = TransferModel(tiny_backbone("xlm-roberta"), cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    path = model.save_trainable(tmp_path)
+    assert (tmp_path / "soft_prompt.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    assert set(state) == {n for n, p in model.named_parameters() if p.requires_grad}
+    fresh = TransferModel(tiny_backbone("xlm-roberta"), cfg)
+    fresh.load_trainable_state_dict(state)
+    for name, p in fresh.named_parameters():
+        torch.testing.assert_close(p, dict(model.named_parameters())[name], rtol=0, atol=0)
+    with pytest.raises(DataError, match="is missing"):
+        fresh.load_trainable_state_dict({k: v for k, v in state.items() if "head" not in k})
+    other = TransferModel(tiny_backbone("xlm-roberta"), config("prompts.length=3", "injection.length=0"))
+    with pytest.raises(DataError, match="do not belong to this model"):
+        other.load_trainable_state_dict(state)
+
+
+def test_language_prompt_trained_here_composes_after_a_task_prompt(tmp_path):
+    task_run = TransferModel(tiny_backbone("xlm-roberta"), config("prompts.length=3", "injection.length=0"))
+    task_run.save_trainable(tmp_path / "task")
+    lang_run = TransferModel(tiny_backbone("xlm-roberta"), config(
+        "prompts.length=2", "injection.length=0", f"prompts.task_prompt={tmp_path / 'task' / 'soft_prompt.safetensors'}"))
+    trainable = [n for n, p in lang_run.named_parameters() if p.requires_grad]
+    assert "prompt.parts.trainable.embeddings" in trainable and not any("parts.task" in n for n in trainable)
+    assert lang_run.num_virtual_tokens == 5
+
+
+@pytest.mark.parametrize("override, message", [
+    (["prompts.length=70", "model.max_length=64"], "virtual tokens leave no room for real tokens in model.max_length=64"),
+    (["model.max_length=200", "model.doc_stride=16"], "model.max_length=200 is invalid: this backbone takes at most 80 positions"),
+    (["freezing.strategy=top_k", "freezing.top_k=5"], "freezing.top_k=5 is invalid: this backbone has 2 layers"),
+    (["injection.layers=top_k", "injection.top_k=3"], "injection.top_k=3 is invalid: this backbone has 2 layers"),
+    (["prompts.task_prompt=/nonexistent/task.safetensors"], "prompt file not found: /nonexistent/task.safetensors"),
+])
+def test_configs_that_cannot_work_fail_before_training(override, message):
+    with pytest.raises((ConfigError, DataError)) as e:
+        TransferModel(tiny_backbone("xlm-roberta"), config(*override))
+    assert message in str(e.value)
+
+
+def test_k_shot_larger_than_pool_is_a_config_error():
+    check_k_shot(8, 8, lang="de")
+    with pytest.raises(ConfigError, match="data.k_shot=9 is invalid for language 'de': the shot pool holds only 8 examples"):
+        check_k_shot(9, 8, lang="de")
