@@ -181,13 +181,16 @@ class PromptInjection(nn.Module):
             self.keys = nn.ParameterDict({str(i): nn.Parameter(torch.randn(shape) * std) for i in self.layers})
             self.values = nn.ParameterDict({str(i): nn.Parameter(torch.randn(shape) * std) for i in self.layers})
 
-    def forward(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """layer index -> (prefix_k, prefix_v), each (Hkv, P, D)."""
+    def forward(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """str(layer index) -> (prefix_k, prefix_v), each (Hkv, P, D).
+
+        String keys: DeepSpeed ZeRO-3's post-forward hook walks a dict output and expects string keys.
+        """
         if not self.reparam:
-            return {i: (self.keys[str(i)], self.values[str(i)]) for i in self.layers}
+            return {str(i): (self.keys[str(i)], self.values[str(i)]) for i in self.layers}
         flat = self.mlp(self.seed)  # (P, L * 2 * Hkv * D)
         kv = flat.view(self.length, len(self.layers), 2, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
-        return {layer: (kv[j, 0], kv[j, 1]) for j, layer in enumerate(self.layers)}
+        return {str(layer): (kv[j, 0], kv[j, 1]) for j, layer in enumerate(self.layers)}
 
     def merged(self) -> dict[str, torch.Tensor]:
         """Plain per-layer prefixes (what export writes); equal to forward() for both parameterisations."""
@@ -200,7 +203,7 @@ class PromptInjection(nn.Module):
 
 
 @contextlib.contextmanager
-def active_prefixes(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> Iterator[None]:
+def active_prefixes(prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> Iterator[None]:
     """Make `prefixes` visible to the registered attention function for the forward inside the block."""
     previous = getattr(_active, "prefixes", None)
     _active.prefixes = prefixes
@@ -229,7 +232,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
 
     prefixes = getattr(_active, "prefixes", None) or {}
     layer = getattr(module, "layer_idx", None)
-    prefix_k, prefix_v = prefixes.get(layer, (None, None))
+    prefix_k, prefix_v = prefixes.get(str(layer), (None, None))
     if prefix_k is not None:
         prefix_k = prefix_k.to(query.dtype)
         prefix_v = prefix_v.to(query.dtype)

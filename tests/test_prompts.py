@@ -67,7 +67,7 @@ MANUAL = "test_manual_prefix"
 
 
 def _manual_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    prefix_k, prefix_v = (prompts._active.prefixes or {}).get(module.layer_idx, (None, None))
+    prefix_k, prefix_v = (prompts._active.prefixes or {}).get(str(module.layer_idx), (None, None))
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     if prefix_k is not None:
