@@ -265,6 +265,11 @@ class TransferModel(nn.Module):
         ids = batch["align_pair_ids"].tolist()
         cache = self.teacher_cache
         todo = cache.missing(ids)
+        if self._peers_need_teacher(bool(todo)) and not todo:
+            todo = [0]  # run the forward anyway (ZeRO-3 ranks must call the same modules); result is dropped
+            ids_to_store = None
+        else:
+            ids_to_store = ids
         if todo:
             rows = torch.tensor(todo, device=batch["align_src_input_ids"].device)
             src_ids = batch["align_src_input_ids"][rows]
@@ -277,8 +282,20 @@ class TransferModel(nn.Module):
             from dsxfer.kernels import masked_mean_pool
 
             pooled = torch.stack([masked_mean_pool(h.float(), src_mask) for h in self._layer_states(out)], dim=1)
-            cache.store([ids[r] for r in todo], pooled)
+            if ids_to_store is not None:
+                cache.store([ids[r] for r in todo], pooled)
         return cache.get(ids, device=batch["align_tgt_input_ids"].device)
+
+    def _peers_need_teacher(self, mine: bool) -> bool:
+        """Under ZeRO-3 a forward gathers parameters collectively, so if any rank must run the teacher, all do."""
+        import torch.distributed as dist
+
+        partitioned = any(hasattr(p, "ds_id") for p in self.backbone.parameters())
+        if not (partitioned and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0], device=next(self.head.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _alignment(self, batch: dict) -> torch.Tensor:
         teacher = self.teacher_vectors(batch)
