@@ -101,3 +101,39 @@ def test_translate_train_files_read_with_prefixed_ids(tmp_path):
     assert (pair.id, pair.label, pair.lang) == ("train-de.tsv:0", 0, "de")
     with pytest.raises(DataError, match="a qa task takes SQuAD .json or .jsonl files"):
         augment.read_translate_train([tsv], "qa")
+
+
+# Frequent words of the English side of Tatoeba en-de, each with the German translations a bilingual
+# reader accepts (lowercased; inflected forms included where the word inflects). Written by hand.
+ACCEPTED = {
+    "life": {"leben"}, "people": {"leute", "menschen"}, "time": {"zeit", "mal"}, "never": {"nie", "niemals"},
+    "always": {"immer"}, "world": {"welt"}, "day": {"tag", "tage", "tages"}, "money": {"geld"},
+    "idea": {"idee", "ahnung"}, "problem": {"problem"}, "today": {"heute"}, "tomorrow": {"morgen"},
+    "school": {"schule"}, "children": {"kinder", "kindern"}, "friends": {"freunde", "freunden", "freundinnen"},
+    "truth": {"wahrheit"}, "morning": {"morgen"}, "night": {"nacht"}, "mathematics": {"mathematik", "mathe"},
+    "sleep": {"schlafen", "schlaf"}, "love": {"liebe", "lieben", "liebt", "liebst"}, "years": {"jahre", "jahren"},
+    "new": {"neu", "neue", "neuen", "neuer", "neues"}, "good": {"gut", "gute", "guten", "guter", "gutes"},
+    "very": {"sehr"}, "here": {"hier"}, "where": {"wo", "wohin"}, "why": {"warum", "wieso", "weshalb"},
+    "two": {"zwei"}, "three": {"drei"}, "man": {"mann", "mensch"}, "face": {"gesicht"}, "everything": {"alles"},
+    "nothing": {"nichts"}, "without": {"ohne"}, "because": {"weil", "denn"}, "tired": {"müde"},
+    "learn": {"lernen"}, "understand": {"verstehen", "verstehe", "versteht"}, "believe": {"glauben", "glaube"},
+    "speak": {"sprechen", "spreche", "sprichst"}, "eat": {"essen", "isst"}, "something": {"etwas", "was"},
+    "think": {"denke", "denken", "glaube", "finde", "meinst"}, "need": {"brauche", "brauchen", "brauchst", "braucht"},
+}
+
+
+@pytest.mark.slow
+def test_lexicon_induced_from_tatoeba_en_de_with_embedded_model():
+    from dsxfer.backbone import load_backbone, load_tokenizer
+    from dsxfer.data.tasks import tatoeba_pairs
+
+    torch.set_num_threads(2)
+    pairs = list(tatoeba_pairs("deu"))
+    backbone, tokenizer = load_backbone(None), load_tokenizer(None)
+    lexicon = augment.induce_lexicon(pairs, backbone, tokenizer, layer=8, min_count=2, batch_size=64)
+    hits = {w: lexicon.get(w) for w in ACCEPTED}
+    correct = sum(hits[w] in ACCEPTED[w] for w in ACCEPTED)
+    precision = correct / len(ACCEPTED)  # a word missing from the lexicon counts as wrong
+    print(f"\nlexicon size {len(lexicon)}; precision@1 on {len(ACCEPTED)} hand-checked words: {precision:.3f}")
+    print({w: t for w, t in hits.items() if t not in ACCEPTED[w]})
+    assert precision >= 0.6
