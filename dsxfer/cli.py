@@ -36,10 +36,44 @@ class Commands:
 
     Commands:
       config          inspect configurations (show, help)
+      eval            evaluate a backbone or a trained run per language; write predictions and scores
+      report          aggregate runs into per-language tables (md/csv/json) and PNG charts
     """
 
     def __init__(self) -> None:
         self.config = ConfigCommands()
+
+    def eval(self, task: str = "xquad", langs: str = "all", model: str | None = None, run_dir: str | None = None,
+             max_examples: int | None = None, output_dir: str = "runs/eval", batch_size: int = 32, seed: int = 0,
+             data_dir: str | None = None, max_length: int | None = None, doc_stride: int | None = None) -> None:
+        """Evaluate a backbone or a trained run per language; write predictions and scores.
+
+        --task xquad|mlqa|pawsx; --langs all or a comma list (MLQA also ctx-question pairs such as de-en);
+        --model an HF name/folder (default: the embedded model) with a fresh seeded head, or --run_dir a
+        trained run; --max_examples a fixed seeded subset per language. Writes
+        predictions_<lang>.json and scores.json into --output_dir and prints a table.
+        """
+        from dsxfer.evaluate import format_scores, run_eval
+
+        if isinstance(langs, (tuple, list)):  # fire parses "de,es" as a tuple
+            langs = ",".join(str(x) for x in langs)
+        doc = run_eval(task, langs, model=model, run_dir=run_dir, max_examples=max_examples, output_dir=output_dir,
+                       batch_size=batch_size, seed=seed, data_dir=data_dir, max_length=max_length, doc_stride=doc_stride)
+        print(format_scores(doc))
+        print(f"wrote {output_dir}/scores.json and predictions_<lang>.json")
+
+    def report(self, *run_dirs: str, output_dir: str = "runs/report", plots: bool = True) -> None:
+        """Aggregate runs into per-language tables (md/csv/json) and PNG charts.
+
+        RUN_DIR... folders holding scores.json (from dsxfer eval); runs with the same method name are
+        seeds of one method: mean, std and min per language. Writes report.md, report.csv,
+        report.json and PNG charts into --output_dir.
+        """
+        from dsxfer.report import write_report
+
+        result = write_report(list(run_dirs), output_dir, plots=plots)
+        print(result["markdown"])
+        print(f"wrote {output_dir}/report.md, report.csv, report.json" + (f" and {len(result['images'])} PNG charts" if result["images"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,268 @@
+"""Extractive-QA featurization and post-processing for any HF fast tokenizer, encoder or decoder.
+
+A long context is cut into overlapping windows (`max_length`, overlap `doc_stride`); each window is
+one feature: [specials] question [specials] context-window [specials]. The soft prompt's virtual
+tokens are not in the features: `reserved_tokens` of the length budget are kept free for them, and
+the model returns start/end logits for the real token positions only, so offsets here index real
+tokens and never need shifting.
+
+Labels: the answer's first and last token inside the window. A window that does not hold the whole
+answer (and an unlabelled question) points both labels at the "null" position: the CLS token for
+encoders; for tokenizers without a CLS token (decoders) position 0 (BOS, or the first question token),
+a documented convention. Post-processing never returns a span outside the context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dsxfer.data.readers import PairExample, QAExample
+from dsxfer.errors import DataError
+
+
+_WHITESPACE = re.compile(r"\s")
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding: the tokenizer's pad token, else EOS (decoders often have none), else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _check_fast(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"QA featurization needs a fast (Rust) tokenizer with offset mapping; got {type(tokenizer).__name__}; load it with use_fast=True")
+
+
+@dataclass
+class QAFeatures:
+    """Windows of QA examples; per-feature lists, not padded (see `collate`)."""
+
+    input_ids: list[list[int]]
+    attention_mask: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    example_index: list[int]  # position of the feature's example in the featurized list
+    example_id: list[str]
+    offset_mapping: list[list[tuple[int, int] | None]]  # None for question/special tokens
+    null_index: list[int]
+    start_positions: list[int] = field(default_factory=list)  # empty when featurized without labels
+    end_positions: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, indices: Sequence[int], pad_id: int, with_labels: bool = False):
+        """Right-padded torch tensors for the features at indices (the model's task keys)."""
+        import torch
+
+        width = max(len(self.input_ids[i]) for i in indices)
+
+        def padded(rows: list[list[int]], value: int):
+            out = torch.full((len(indices), width), value, dtype=torch.long)
+            for r, i in enumerate(indices):
+                out[r, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+            return out
+
+        batch = {"input_ids": padded(self.input_ids, pad_id), "attention_mask": padded(self.attention_mask, 0)}
+        if self.token_type_ids is not None:
+            batch["token_type_ids"] = padded(self.token_type_ids, 0)
+        if with_labels:
+            if not self.start_positions:
+                raise DataError("these QA features were made without labels; featurize with with_labels=True for training")
+            batch["start_positions"] = torch.tensor([self.start_positions[i] for i in indices], dtype=torch.long)
+            batch["end_positions"] = torch.tensor([self.end_positions[i] for i in indices], dtype=torch.long)
+        return batch
+
+
+def _truncate_questions(questions: list[str], tokenizer: Any, max_question_tokens: int) -> list[str]:
+    """Cut questions longer than max_question_tokens at a token boundary (only the context may be
+    windowed, so a giant question would otherwise leave no room for it)."""
+    enc = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for q, offsets in zip(questions, enc["offset_mapping"]):
+        out.append(q[: offsets[max_question_tokens - 1][1]] if len(offsets) > max_question_tokens else q)
+    return out
+
+
+def featurize_qa(
+    examples: Sequence[QAExample],
+    tokenizer: Any,
+    *,
+    max_length: int = 384,
+    doc_stride: int = 128,
+    reserved_tokens: int = 0,
+    max_question_tokens: int = 64,
+    with_labels: bool = True,
+    chunk_size: int = 1000,
+) -> QAFeatures:
+    """Windows of every example (see the module docstring). max_length includes reserved_tokens."""
+    _check_fast(tokenizer)
+    budget = max_length - reserved_tokens
+    n_special = tokenizer.num_special_tokens_to_add(pair=True)
+    if budget - max_question_tokens - n_special <= doc_stride:
+        raise DataError(
+            f"QA windows do not fit: max_length={max_length} - reserved_tokens={reserved_tokens} leaves {budget} tokens, "
+            f"which must exceed question tokens ({max_question_tokens}) + specials ({n_special}) + doc_stride ({doc_stride}); "
+            "raise model.max_length or lower model.doc_stride / prompts.length"
+        )
+    cls_id = tokenizer.cls_token_id
+    space_masks: dict[int, np.ndarray] = {}  # whitespace mask of the current example's context
+    feats = QAFeatures([], [], [] if "token_type_ids" in tokenizer.model_input_names else None, [], [], [], [])
+    for lo in range(0, len(examples), chunk_size):
+        chunk = examples[lo : lo + chunk_size]
+        questions = _truncate_questions([ex.question.lstrip() for ex in chunk], tokenizer, max_question_tokens)
+        enc = tokenizer(
+            questions, [ex.context for ex in chunk], truncation="only_second", max_length=budget,
+            stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+        )
+        for f, sample in enumerate(enc["overflow_to_sample_mapping"]):
+            ex_index = lo + sample
+            ex = examples[ex_index]
+            ids = enc["input_ids"][f]
+            seq = enc.sequence_ids(f)
+            if ex_index not in space_masks:
+                space_masks = {ex_index: _whitespace_mask(ex.context)}
+            offsets = _context_offsets(ex.context, enc["offset_mapping"][f], seq, space_masks[ex_index])
+            null = ids.index(cls_id) if cls_id is not None and cls_id in ids else 0
+            feats.input_ids.append(ids)
+            feats.attention_mask.append(enc["attention_mask"][f])
+            if feats.token_type_ids is not None:
+                feats.token_type_ids.append(enc["token_type_ids"][f])
+            feats.example_index.append(ex_index)
+            feats.example_id.append(ex.id)
+            feats.offset_mapping.append(offsets)
+            feats.null_index.append(null)
+            if with_labels:
+                start, end = _label_window(ex, offsets, null)
+                feats.start_positions.append(start)
+                feats.end_positions.append(end)
+    return feats
+
+
+def _whitespace_mask(text: str) -> np.ndarray:
+    mask = np.zeros(max(len(text), 1), dtype=bool)
+    mask[[m.start() for m in _WHITESPACE.finditer(text)]] = True
+    return mask
+
+
+def _context_offsets(context: str, offsets: list, sequence_ids: list, is_space: np.ndarray) -> list[tuple[int, int] | None]:
+    """Character spans of the context tokens (None elsewhere), trimmed of surrounding whitespace:
+    SentencePiece-style pieces ("▁word") include the space before the word, which would otherwise
+    end up at the edge of a decoded answer. is_space[i] tells whether context[i] is whitespace."""
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    in_context = np.asarray([s == 1 for s in sequence_ids])
+    start, end = spans[:, 0].copy(), spans[:, 1].copy()
+    # a piece rarely carries more than one space, so a few vectorised passes suffice
+    for _ in range(8):
+        move = in_context & (start < end) & is_space[np.minimum(start, len(context) - 1)]
+        if not move.any():
+            break
+        start += move
+    for _ in range(8):
+        move = in_context & (end > start) & is_space[np.maximum(end - 1, 0)]
+        if not move.any():
+            break
+        end -= move
+    return [(int(a), int(b)) if c else None for a, b, c in zip(start.tolist(), end.tolist(), in_context.tolist())]
+
+
+def _label_window(ex: QAExample, offsets: list[tuple[int, int] | None], null: int) -> tuple[int, int]:
+    """Token positions of the first gold answer in this window, or (null, null)."""
+    if not ex.answers:
+        return null, null
+    start_char = ex.answer_starts[0]
+    end_char = start_char + len(ex.answers[0])
+    ctx = [i for i, o in enumerate(offsets) if o is not None]
+    if not ctx or offsets[ctx[0]][0] > start_char or offsets[ctx[-1]][1] < end_char:
+        return null, null
+    # first token: the last one starting at or before the answer start; last token: the first one
+    # ending at or after the answer end
+    token_start = token_end = None
+    for i in ctx:
+        if offsets[i][0] <= start_char:
+            token_start = i
+        if token_end is None and offsets[i][1] >= end_char:
+            token_end = i
+    if token_end < token_start:  # an answer inside one token
+        token_end = token_start
+    return token_start, token_end
+
+
+def postprocess_qa(
+    examples: Sequence[QAExample],
+    features: QAFeatures,
+    start_logits: Sequence[np.ndarray],
+    end_logits: Sequence[np.ndarray],
+    *,
+    n_best: int = 20,
+    max_answer_length: int = 30,
+) -> dict[str, str]:
+    """{example id: answer text}: the best-scoring valid span (start <= end, both in the context, at
+    most max_answer_length tokens) over the n_best starts and ends of every window of the example,
+    cut from the original context by the offset mapping. An example with no valid span gets ""."""
+    if len(start_logits) != len(features) or len(end_logits) != len(features):
+        raise DataError(f"post-processing: {len(start_logits)} start / {len(end_logits)} end logit rows for {len(features)} features")
+    best: dict[int, tuple[float, str]] = {}
+    for f in range(len(features)):
+        offsets = features.offset_mapping[f]
+        n = len(offsets)
+        sl = np.asarray(start_logits[f], dtype=np.float64)[:n]
+        el = np.asarray(end_logits[f], dtype=np.float64)[:n]
+        starts = np.argsort(-sl, kind="stable")[:n_best]
+        ends = np.argsort(-el, kind="stable")[:n_best]
+        ex_index = features.example_index[f]
+        context = examples[ex_index].context
+        for s in starts:
+            if offsets[s] is None:
+                continue
+            for e in ends:
+                if offsets[e] is None or e < s or e - s + 1 > max_answer_length:
+                    continue
+                score = float(sl[s] + el[e])
+                if ex_index not in best or score > best[ex_index][0]:
+                    best[ex_index] = (score, context[offsets[s][0] : offsets[e][1]])
+    return {ex.id: best[i][1] if i in best else "" for i, ex in enumerate(examples)}
+
+
+# ----------------------------------------------------------------------- sentence-pair classification
+
+
+def featurize_pairs(
+    examples: Sequence[PairExample], tokenizer: Any, *, max_length: int = 128, reserved_tokens: int = 0
+) -> dict[str, list]:
+    """input_ids, attention_mask (token_type_ids when the tokenizer gives them) and labels; each pair
+    holds at most max_length - reserved_tokens real tokens (the longer sentence is cut first)."""
+    budget = max_length - reserved_tokens
+    if budget <= tokenizer.num_special_tokens_to_add(pair=True) + 2:
+        raise DataError(f"max_length={max_length} - reserved_tokens={reserved_tokens} leaves no room for a sentence pair; raise model.max_length")
+    enc = tokenizer([e.sentence1 for e in examples], [e.sentence2 for e in examples], truncation="longest_first", max_length=budget)
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": [e.label for e in examples],
+           "example_id": [e.id for e in examples]}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = enc["token_type_ids"]
+    return out
+
+
+def collate_pairs(features: dict[str, list], indices: Sequence[int], pad_id: int, with_labels: bool = True):
+    """Right-padded tensors of the pair features at indices."""
+    import torch
+
+    width = max(len(features["input_ids"][i]) for i in indices)
+    batch = {}
+    for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if key not in features:
+            continue
+        t = torch.full((len(indices), width), value, dtype=torch.long)
+        for r, i in enumerate(indices):
+            t[r, : len(features[key][i])] = torch.tensor(features[key][i], dtype=torch.long)
+        batch[key] = t
+    if with_labels:
+        batch["labels"] = torch.tensor([features["labels"][i] for i in indices], dtype=torch.long)
+    return batch
