@@ -194,3 +194,16 @@ def test_bad_prompt_files_are_clear_errors(tmp_path):
 def test_prefix_on_missing_layer_fails_before_training():
     with pytest.raises(ConfigError, match=r"injection.layers=\[0, 5\] is invalid: layer 5 does not exist, this backbone has 2 layers"):
         TransferModel(tiny_backbone("xlm-roberta"), config("injection.layers=[0, 5]"))
+
+
+def test_reparameterised_prefixes_merge_to_plain_tensors():
+    backbone = tiny_backbone("llama")
+    injection = prompts.PromptInjection(backbone.config, 3, [0, 1], reparam=True, reparam_hidden=8)
+    merged = injection.merged()
+    live = injection()
+    assert set(merged) == {"prefix.0.key", "prefix.0.value", "prefix.1.key", "prefix.1.value"}
+    for layer in ("0", "1"):
+        assert merged[f"prefix.{layer}.key"].shape == (2, 3, 8)  # (kv heads, P, head dim)
+        torch.testing.assert_close(merged[f"prefix.{layer}.key"], live[layer][0].detach())
+        torch.testing.assert_close(merged[f"prefix.{layer}.value"], live[layer][1].detach())
+    assert not torch.equal(merged["prefix.0.key"], merged["prefix.1.key"])
