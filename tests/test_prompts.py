@@ -207,3 +207,40 @@ def test_reparameterised_prefixes_merge_to_plain_tensors():
         torch.testing.assert_close(merged[f"prefix.{layer}.key"], live[layer][0].detach())
         torch.testing.assert_close(merged[f"prefix.{layer}.value"], live[layer][1].detach())
     assert not torch.equal(merged["prefix.0.key"], merged["prefix.1.key"])
+
+
+ZERO3_SCRIPT = r'''
+import os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import torch, deepspeed
+from transformers import XLMRobertaConfig, XLMRobertaModel
+from dsxfer import prompts
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = XLMRobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       max_position_embeddings=80, pad_token_id=1)
+torch.manual_seed(0)
+reference = XLMRobertaModel(cfg).get_input_embeddings().weight.detach().clone()
+torch.manual_seed(0)
+sharded = XLMRobertaModel(cfg)
+deepspeed.zero.Init(module=sharded, config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}})
+weight = sharded.get_input_embeddings().weight
+assert hasattr(weight, "ds_id") and weight.numel() == 0, "the embedding should be partitioned"
+got = prompts.vocabulary_init(sharded.get_input_embeddings(), 4, token_ids=[7, 9, 11])
+torch.testing.assert_close(got, reference[[7, 9, 11, 7]])
+print("gathered", tuple(got.shape))
+'''
+
+
+@pytest.mark.distributed
+def test_soft_prompt_init_reads_zero3_partitioned_embedding(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    script = tmp_path / "zero3_init.py"
+    script.write_text(ZERO3_SCRIPT)
+    port = str(random.Random().randint(20000, 40000))
+    run = subprocess.run([sys.executable, str(script), port], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "gathered (4, 32)" in run.stdout
