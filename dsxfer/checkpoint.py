@@ -1,0 +1,214 @@
+"""Checkpoints of a training run: written atomically, verified by a checksum manifest, resumable.
+
+Layout: <output_dir>/checkpoints/step-00000040/
+  trainable.safetensors   full values of every trainable parameter (ZeRO-3 shards gathered)
+  ds/                     DeepSpeed's own files: optimizer state (partitioned per rank under ZeRO 1-3)
+                          and LR scheduler; frozen backbone parameters are excluded
+  rng-rank<r>.json        python / numpy / torch RNG state of each rank
+  state.json              step, data-order position, early-stopping state, bad-step count
+  manifest.json           sha256 and size of every file above; written last
+
+A checkpoint is assembled in a hidden temporary folder and renamed into place only once every rank has
+written its part and the manifest exists, so a crash never leaves a half-written `step-*` folder.
+`--resume auto` takes the newest folder whose manifest verifies; a corrupted one is reported in one line
+and the previous complete one is used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsxfer import engine as eng
+from dsxfer.errors import DsxferError
+
+MANIFEST = "manifest.json"
+STATE = "state.json"
+TRAINABLE = "trainable.safetensors"
+DS_DIR = "ds"
+DS_TAG = "state"
+PREFIX = "step-"
+
+
+class CheckpointError(DsxferError):
+    """A checkpoint that cannot be used (missing, incomplete or corrupted)."""
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ RNG
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------------------ save
+
+
+def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint `step` (every rank calls this) and keep only the newest `keep_last`."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_dir(output_dir)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    r = eng.rank()
+    if r == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash: never trusted
+        tmp.mkdir()
+    eng.barrier()
+
+    # optimizer + scheduler (each rank writes its own ZeRO partition); frozen weights are not ours to save
+    engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+    trainable = eng.gathered_trainable_state(engine.module)  # every rank joins the ZeRO-3 gather
+    (tmp / f"rng-rank{r}.json").write_text(json.dumps(rng_state()))
+    if r == 0:
+        save_file(trainable, str(tmp / TRAINABLE), metadata={"step": str(step)})
+        (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
+    eng.barrier()
+
+    if r == 0:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"step": step, "world_size": eng.world_size(),
+                    "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    eng.barrier()
+    return final
+
+
+# ------------------------------------------------------------------------------------ find / verify
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Renamed (hence complete) checkpoint folders, oldest first."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def verify(path: str | Path) -> None:
+    """Raise CheckpointError naming the first file that is missing or whose checksum is wrong."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete; delete it or resume from another one")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable; delete the folder or resume from another one") from None
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: file {name} listed in {MANIFEST} is missing; the checkpoint is corrupted")
+        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: file {name} does not match its sha256 in {MANIFEST}; the checkpoint is corrupted")
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None, log=print) -> Path | None:
+    """The checkpoint to resume from: None (fresh run), an explicit folder (must verify), or 'auto'.
+
+    'auto' walks from the newest complete checkpoint backwards and takes the first that verifies,
+    reporting each corrupted one it skips.
+    """
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"train.resume={resume}: no such checkpoint folder (use a {PREFIX}* folder under {checkpoint_dir(output_dir)} or 'auto')")
+        verify(path)
+        return path
+    for path in reversed(complete_checkpoints(output_dir)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log(f"warning: {e}; falling back to the previous checkpoint")
+    return None
+
+
+# ------------------------------------------------------------------------------------ load
+
+
+def load(engine, path: str | Path) -> dict[str, Any]:
+    """Restore trainable parameters, optimizer, scheduler and this rank's RNG; return state.json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("world_size") != eng.world_size() and engine.zero_optimization_stage() > 0:
+        raise CheckpointError(f"checkpoint {path} was written by {manifest.get('world_size')} ranks under ZeRO-{engine.zero_optimization_stage()}; "
+                              f"resume it with the same number of ranks (now {eng.world_size()})")
+    load_path, _ = engine.load_checkpoint(str(path / DS_DIR), tag=DS_TAG, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"checkpoint {path}: DeepSpeed could not read {DS_DIR}/{DS_TAG}; the checkpoint is corrupted")
+    # the safetensors file is the authority for parameter values (DeepSpeed restores them from its
+    # fp32 partitions under ZeRO 1-3, but not from excluded-frozen module states under ZeRO-0 alike)
+    eng.load_trainable_state(engine.module, load_file(str(path / TRAINABLE)))
+    r = eng.rank()
+    rng_file = path / f"rng-rank{r}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return json.loads((path / STATE).read_text())

@@ -1,0 +1,371 @@
+"""Training: one readable loop, top to bottom.
+
+    data (task features + parallel pairs + source dev set)  ->  DeepSpeed engine  ->  for each micro-batch:
+    task batch (+ an alignment batch every `alignment.every` micro-batches) -> forward -> NaN/Inf guard ->
+    backward -> step at the accumulation boundary -> log / evaluate on the SOURCE dev set / checkpoint
+
+`run_training` is the loop and takes ready-made data (`TrainData`); `train` builds that data from the
+config (readers, featurization, k-shot sampling, overlap check) and then calls it. Early stopping only
+ever looks at the source-language dev set (TyDi QA English dev for QA), never at target-language test data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dsxfer import checkpoint as ckpt
+from dsxfer import engine as eng
+from dsxfer.errors import ConfigError, DsxferError
+
+# Nominal peak FLOP/s for the MFU estimate. GPU: H100 SXM dense bf16 (989 TFLOP/s). CPU: 96 GFLOP/s per
+# core (two 8-lane fp32 FMA units at 3 GHz). MFU is a rough yardstick, not a benchmark result.
+GPU_PEAK_FLOPS = 989e12
+CPU_PEAK_FLOPS_PER_CORE = 96e9
+
+
+class TrainingDiverged(DsxferError):
+    """Too many steps with a non-finite loss."""
+
+
+@dataclass
+class Batches:
+    """`n` items, and `make(indices)` -> a dict of tensors holding those items."""
+
+    n: int
+    make: Callable[[list[int]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainData:
+    task: Batches | None                      # task features (source language + k target shots)
+    align: Batches | None = None              # parallel pairs -> align_src_* / align_tgt_* / align_pair_ids
+    align_probes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # lang -> fixed pair batch
+    dev_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None  # source dev set; "f1" or "accuracy"
+
+
+class DataOrder:
+    """An endless, seeded stream of item indices: epoch e is a permutation drawn from seed + e.
+
+    The whole state is one position, so a resumed run continues exactly where the saved one was.
+    Each rank takes its own slice of every global batch.
+    """
+
+    def __init__(self, n: int, seed: int, pos: int = 0):
+        self.n, self.seed, self.pos = n, seed, pos
+        self._epoch, self._perm = -1, None
+
+    def _index(self, p: int) -> int:
+        epoch = p // self.n
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + 1_000_003 * epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[p % self.n]
+
+    def next(self, per_rank: int, rank: int, world: int) -> list[int]:
+        start = self.pos + rank * per_rank
+        out = [self._index(p) for p in range(start, start + per_rank)]
+        self.pos += per_rank * world
+        return out
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def nominal_peak_flops() -> float:
+    if torch.cuda.is_available():
+        return GPU_PEAK_FLOPS
+    return CPU_PEAK_FLOPS_PER_CORE * torch.get_num_threads()
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())
+
+
+@torch.no_grad()
+def alignment_cosine(module: torch.nn.Module, probe: dict[str, torch.Tensor]) -> float:
+    """Mean cosine between the prompted student's pooled target vectors and the frozen teacher's source ones.
+
+    The model's forward on an alignment-only batch runs the student last; a hook on the backbone keeps
+    that call's hidden states, so this works unchanged under ZeRO-3 (the forward gathers as usual).
+    """
+    from dsxfer.kernels import masked_mean_pool
+
+    captured = {}
+
+    def keep(_module, _args, output):
+        captured["hidden_states"] = output.hidden_states
+
+    was_training = module.training
+    module.eval()
+    handle = module.backbone.register_forward_hook(keep)
+    try:
+        module(probe)
+    finally:
+        handle.remove()
+        module.train(was_training)
+    teacher = module.teacher_vectors(probe)  # cached by the forward above: no extra backbone call
+    n = module.num_virtual_tokens
+    mask = probe["align_tgt_attention_mask"]
+    layers = module.cfg.alignment.layers
+    cos = [torch.nn.functional.cosine_similarity(
+        masked_mean_pool(captured["hidden_states"][layer][:, n:].float(), mask), teacher[:, j].float(), dim=-1).mean()
+        for j, layer in enumerate(layers)]
+    return float(torch.stack(cos).mean())
+
+
+class Log:
+    """Rank 0 writes: a text log (stdout + <output_dir>/train.log) and TensorBoard scalars."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, bar=None):
+        self.enabled = enabled
+        self.bar = bar
+        self.file = None
+        self.tb = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(output_dir / "train.log", "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(output_dir / "tb"))
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                if v is not None and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = False) -> dict[str, Any]:
+    """Train `model` (a TransferModel) on `data` as `cfg` says; returns a summary of the run.
+
+    Every rank calls this. Writes <output_dir>/config.yaml, trainable.safetensors (the best dev
+    checkpoint when dev evaluation ran, else the last), train.log, tb/ and checkpoints/.
+    """
+    t_cfg = cfg.train
+    out_dir = Path(t_cfg.output_dir)
+    info = eng.init_distributed()
+    world, rank = eng.world_size(), eng.rank()
+    ds = eng.build_ds_config(cfg, world)
+    unfreezer = getattr(model, "unfreezer", None)
+    if unfreezer is not None and eng.zero_stage(ds) != 0:
+        raise ConfigError("freezing.strategy=gradual grows the trainable set during training, which ZeRO 1-3 cannot do; "
+                          "use deepspeed.config=ds_configs/zero0.json (the frozen backbone is still not in the optimizer)")
+    if data.task is None and data.align is None:
+        raise ConfigError("nothing to train on: no task data and no parallel pairs")
+    engine, _, _ = eng.initialize(model, cfg, ds)
+    module = engine.module
+    device = engine.device
+
+    # --- where we start: fresh, or from the latest complete checkpoint
+    state: dict[str, Any] = {"task_pos": 0, "align_pos": 0, "micro": 0, "bad_steps": 0,
+                             "best_score": None, "evals_without_improvement": 0, "best_step": None}
+    resume_from = ckpt.resolve_resume(out_dir, t_cfg.resume, log=print if rank == 0 else (lambda *_: None))
+    if resume_from is not None:
+        state.update({k: v for k, v in ckpt.load(engine, resume_from).items() if k in state})
+    step = engine.global_steps
+    module.set_step(step)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    task_order = DataOrder(data.task.n, t_cfg.seed, state["task_pos"]) if data.task else None
+    align_on = data.align is not None and cfg.alignment.enabled
+    align_order = DataOrder(data.align.n, t_cfg.seed + 1, state["align_pos"]) if align_on else None
+
+    bar = None
+    if rank == 0 and not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t_cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    log = Log(out_dir, rank == 0, t_cfg.tensorboard, bar)
+    backbone_params = sum(_numel(p) for p in module.backbone.parameters())
+    peak = nominal_peak_flops()
+    if resume_from is not None:
+        log.line(f"resumed from {resume_from} at step {step}")
+    log.line(f"world size {world} (rank {info['rank']}), ZeRO-{eng.zero_stage(ds)}, precision {cfg.deepspeed.precision}, "
+             f"micro batch {t_cfg.micro_batch_size} x accumulation {t_cfg.grad_accum}; "
+             f"MFU counts 4 x {backbone_params:,} backbone params x tokens against a nominal {peak / 1e12:.2f} TFLOP/s")
+
+    sums: dict[str, float] = {}
+    window = {"samples": 0, "tokens": 0, "micro": 0, "t0": time.perf_counter()}
+    grad_norm = None
+    stopped = "max_steps"
+    engine.train()
+    while step < t_cfg.max_steps:
+        # --- one micro-batch: task examples, plus parallel pairs every `alignment.every` micro-batches
+        batch: dict[str, torch.Tensor] = {}
+        if task_order is not None:
+            batch.update(data.task.make(task_order.next(t_cfg.micro_batch_size, rank, world)))
+        if align_order is not None and state["micro"] % cfg.alignment.every == 0:
+            batch.update(data.align.make(align_order.next(cfg.alignment.batch_size, rank, world)))
+        state["micro"] += 1
+        if not batch:
+            continue
+        batch = _to(batch, device)
+        out = engine(batch)
+        loss = out["loss"]
+
+        # --- NaN/Inf guard: every rank must agree, or one would step while another skips
+        if eng.all_ranks_max(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0) > 0:
+            state["bad_steps"] += 1
+            log.line(f"step {step}: non-finite loss ({float(loss.detach()):.4g}), micro-batch skipped "
+                     f"({state['bad_steps']} of at most {t_cfg.max_bad_steps})")
+            log.scalars(step, {"train/bad_steps": state["bad_steps"]})
+            if state["bad_steps"] > t_cfg.max_bad_steps:
+                log.close()
+                if bar is not None:
+                    bar.close()
+                raise TrainingDiverged(f"training stopped at step {step}: {state['bad_steps']} micro-batches with a non-finite loss "
+                                       f"(train.max_bad_steps={t_cfg.max_bad_steps}); lower train.lr or check the data")
+            continue
+
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        before = eng.grad_norm_before_step(engine) if boundary else None
+        engine.step()
+        if boundary:
+            grad_norm = eng.global_grad_norm(engine, before)
+
+        for key in ("loss", "task_loss", "align_loss", "preserve_loss"):
+            sums[key] = sums.get(key, 0.0) + float(out[key].detach())
+        window["micro"] += 1
+        if "input_ids" in batch:
+            window["samples"] += batch["input_ids"].shape[0] * world
+            window["tokens"] += int(batch["attention_mask"].sum()) * world
+        if "align_tgt_input_ids" in batch:
+            window["tokens"] += int(batch["align_tgt_attention_mask"].sum() + batch["align_src_attention_mask"].sum()) * world
+        if engine.global_steps == step:
+            continue
+
+        # --- an optimizer step happened
+        step = engine.global_steps
+        module.set_step(step)
+        if bar is not None:
+            bar.update(1)
+        if unfreezer is not None:
+            new = unfreezer.step(step)
+            if new:
+                eng.add_trainable(engine, new)
+                log.line(f"step {step}: unfroze {len(new)} backbone tensors (gradual unfreezing)")
+        last = step >= t_cfg.max_steps
+
+        if step % t_cfg.log_every == 0 or last:
+            elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+            n = max(window["micro"], 1)
+            tokens_per_s = window["tokens"] / elapsed
+            scalars = {f"loss/{k.removesuffix('_loss') if k != 'loss' else 'total'}": v / n for k, v in sums.items()}
+            scalars.update({
+                "align/lambda": float(out["align_weight"]) if "align_weight" in out else 0.0,
+                "lr": engine.get_lr()[0],
+                "grad_norm": grad_norm,
+                "throughput/samples_per_s": window["samples"] / elapsed,
+                "throughput/tokens_per_s": tokens_per_s,
+                "throughput/mfu": 4.0 * backbone_params * tokens_per_s / peak,
+                "memory/peak_mb": peak_memory_mb(),
+            })
+            for lang, probe in data.align_probes.items():
+                scalars[f"align/cosine/{lang}"] = alignment_cosine(module, _to(probe, device))
+            log.scalars(step, scalars)
+            log.line(f"step {step} | loss {scalars['loss/total']:.4f} (task {scalars.get('loss/task', 0):.4f}, "
+                     f"align {scalars.get('loss/align', 0):.4f}, lambda {scalars['align/lambda']:.3g}) | lr {scalars['lr']:.3g} | "
+                     f"grad norm {grad_norm if grad_norm is not None else float('nan'):.3g} | "
+                     f"{scalars['throughput/samples_per_s']:.2f} samples/s, {tokens_per_s:.0f} tokens/s, "
+                     f"MFU {100 * scalars['throughput/mfu']:.2f}% | peak memory {scalars['memory/peak_mb']:.0f} MB"
+                     + "".join(f" | cos {k} {scalars[f'align/cosine/{k}']:.3f}" for k in data.align_probes))
+            sums.clear()
+            window.update(samples=0, tokens=0, micro=0, t0=time.perf_counter())
+
+        # --- evaluation on the source-language dev set, early stopping on it
+        stop_early = False
+        if data.dev_eval is not None and ((t_cfg.eval_every and step % t_cfg.eval_every == 0) or last):
+            module.eval()
+            with torch.no_grad():
+                metrics = data.dev_eval(module)
+            engine.train()
+            score = metrics.get("f1", metrics.get("accuracy"))
+            log.scalars(step, {f"dev/{k}": v for k, v in metrics.items()})
+            improved = state["best_score"] is None or score > state["best_score"]
+            if improved:
+                state.update(best_score=score, best_step=step, evals_without_improvement=0)
+                _save_trainable(module, out_dir, rank)
+            else:
+                state["evals_without_improvement"] += 1
+            log.line(f"step {step} | source dev {', '.join(f'{k} {v:.2f}' for k, v in metrics.items())}"
+                     f" | best {state['best_score']:.2f} at step {state['best_step']}")
+            patience = t_cfg.early_stopping_patience
+            if patience and state["evals_without_improvement"] >= patience:
+                stop_early = True
+                stopped = "early_stopping"
+                log.line(f"early stopping at step {step}: no dev improvement in {patience} evaluations")
+
+        # --- checkpoint (periodic and final)
+        if (t_cfg.save_every and step % t_cfg.save_every == 0) or last or stop_early:
+            state["task_pos"] = task_order.pos if task_order else 0
+            state["align_pos"] = align_order.pos if align_order else 0
+            path = ckpt.save(engine, out_dir, step, state, t_cfg.keep_last)
+            log.line(f"step {step} | checkpoint {path}")
+        if stop_early:
+            break
+
+    if bar is not None:
+        bar.close()
+    if state["best_step"] is None:  # no dev evaluation: the last weights are the result
+        _save_trainable(module, out_dir, rank)
+    log.line(f"done: {stopped} at step {step}; trainable weights in {out_dir / 'trainable.safetensors'}, "
+             f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
+    log.close()
+    summary = {"step": step, "stopped": stopped, "bad_steps": state["bad_steps"], "best_dev": state["best_score"],
+               "best_step": state["best_step"], "output_dir": str(out_dir)}
+    if rank == 0:
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    eng.barrier()
+    return summary
+
+
+def _save_trainable(module: torch.nn.Module, out_dir: Path, rank: int) -> None:
+    """<out_dir>/trainable.safetensors (+ the soft prompt alone, for composition) with gathered values."""
+    from safetensors.torch import save_file
+
+    state = eng.gathered_trainable_state(module)  # every rank joins the gather
+    if rank == 0:
+        tmp = out_dir / ".trainable.safetensors.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, out_dir / "trainable.safetensors")
+        key = "prompt.parts.trainable.embeddings"
+        if key in state:
+            from dsxfer.prompts import SoftPrompt
+
+            SoftPrompt(state[key].shape[0], state[key].shape[1], state[key]).save(out_dir / "soft_prompt.safetensors", run=str(out_dir.name))
