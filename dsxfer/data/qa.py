@@ -215,19 +215,22 @@ def postprocess_qa(
         n = len(offsets)
         sl = np.asarray(start_logits[f], dtype=np.float64)[:n]
         el = np.asarray(end_logits[f], dtype=np.float64)[:n]
+        in_context = np.fromiter((o is not None for o in offsets), bool, n)
         starts = np.argsort(-sl, kind="stable")[:n_best]
         ends = np.argsort(-el, kind="stable")[:n_best]
+        # all n_best x n_best (start, end) pairs at once; invalid pairs get -inf
+        length = ends[None, :] - starts[:, None] + 1
+        valid = in_context[starts][:, None] & in_context[ends][None, :] & (length >= 1) & (length <= max_answer_length)
+        if not valid.any():
+            continue
+        scores = np.where(valid, sl[starts][:, None] + el[ends][None, :], -np.inf)
+        i, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        score = float(scores[i, j])
         ex_index = features.example_index[f]
-        context = examples[ex_index].context
-        for s in starts:
-            if offsets[s] is None:
-                continue
-            for e in ends:
-                if offsets[e] is None or e < s or e - s + 1 > max_answer_length:
-                    continue
-                score = float(sl[s] + el[e])
-                if ex_index not in best or score > best[ex_index][0]:
-                    best[ex_index] = (score, context[offsets[s][0] : offsets[e][1]])
+        if ex_index not in best or score > best[ex_index][0]:
+            start_char = offsets[starts[i]][0]
+            end_char = offsets[ends[j]][1]
+            best[ex_index] = (score, examples[ex_index].context[start_char:end_char])
     return {ex.id: best[i][1] if i in best else "" for i, ex in enumerate(examples)}
 
 

@@ -82,6 +82,7 @@ class Records(Generic[T]):
     items: list[T]
     skipped: list[Skipped] = field(default_factory=list)
     source: str = ""
+    notes: list[str] = field(default_factory=list)  # changes made while reading (never silent)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -138,6 +139,15 @@ def read_text(path: str | Path) -> str:
             f"{p}: line {line} (byte {e.start}): bytes {raw[e.start:e.end]!r} are not UTF-8; "
             "re-save the file as UTF-8 (e.g. iconv -f <encoding> -t utf-8)"
         ) from None
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines separated by \\n only (as `wc -l` counts them): str.splitlines also breaks at U+2028,
+    U+0085 and other separators that occur inside real sentences (PAWS-X Korean has them)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _load_json(path: Path) -> Any:
@@ -203,6 +213,7 @@ def read_squad_json(
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(f"{p}: top level must be an object with a 'data' list (SQuAD v1.1 format); is this the right file?")
     items: list[QAExample] = []
+    positions: list[str] = []  # "article.paragraph" of each item, to qualify repeated ids
     for a, article in enumerate(doc["data"]):
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
             col.bad(f"data[{a}]", "missing key 'paragraphs' (a list)", "every article needs paragraphs")
@@ -217,9 +228,28 @@ def read_squad_json(
                 ex = _qa_record(q, para["context"], title, lang, f"{pw}.qas[{qi}]", require_answers, col)
                 if ex is not None:
                     items.append(ex)
+                    positions.append(f"{a}.{pi}")
     if not items and not col.skipped:
         raise DataError(f"{p}: holds no questions; point to a file with records")
-    return col.finish(items)
+    items, renamed = _qualify_repeated_ids(items, positions)
+    recs = col.finish(items)
+    if renamed:
+        note = f"{renamed} question(s) share an id with another question; renamed to '<id>@<article>.<paragraph>'"
+        log.info("%s: %s", p, note)
+        recs.notes.append(note)
+    return recs
+
+
+def _qualify_repeated_ids(items: list[QAExample], positions: list[str]) -> tuple[list[QAExample], int]:
+    """XTREME's TyDi QA train numbers questions per article ('0', '1', ...), so ids repeat; ids must be
+    unique (predictions and the leakage check join on them), so repeated ids get their position."""
+    counts: dict[str, int] = {}
+    for ex in items:
+        counts[ex.id] = counts.get(ex.id, 0) + 1
+    if all(n == 1 for n in counts.values()):
+        return items, 0
+    out = [dataclasses.replace(ex, id=f"{ex.id}@{pos}") if counts[ex.id] > 1 else ex for ex, pos in zip(items, positions)]
+    return out, sum(n for n in counts.values() if n > 1)
 
 
 def count_paragraphs(path: str | Path) -> int:
@@ -241,7 +271,7 @@ def read_pawsx_tsv(
     same pair in every language; with the header id,sentence1,sentence2,label the id column is used."""
     p = Path(path)
     col = _Collector(p, on_error)
-    lines = read_text(p).splitlines()
+    lines = split_lines(read_text(p))
     header = lines[0].split("\t") if lines else []
     has_header = [h.strip().lower() for h in header] == ["id", "sentence1", "sentence2", "label"]
     ncols = 4 if has_header else 3
@@ -283,8 +313,8 @@ def read_parallel(
     """Read two line-aligned files (line i of src translates line i of tgt). Pair ids are
     '<prefix>:<line index>' so that the same pair has the same id in every run."""
     sp, tp = Path(src_path), Path(tgt_path)
-    src_lines = read_text(sp).splitlines()
-    tgt_lines = read_text(tp).splitlines()
+    src_lines = split_lines(read_text(sp))
+    tgt_lines = split_lines(read_text(tp))
     if len(src_lines) != len(tgt_lines):
         raise DataError(
             f"{sp} has {len(src_lines)} lines but {tp} has {len(tgt_lines)}: parallel files must be line-aligned "
@@ -312,7 +342,7 @@ def read_jsonl(
     p = Path(path)
     col = _Collector(p, on_error)
     items: list[Any] = []
-    for lineno, line in enumerate(read_text(p).splitlines(), start=1):
+    for lineno, line in enumerate(split_lines(read_text(p)), start=1):
         if not line.strip():
             continue
         where = f"line {lineno}"
