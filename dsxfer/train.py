@@ -255,6 +255,7 @@ def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = 
         boundary = engine.is_gradient_accumulation_boundary()
         engine.backward(loss)
         before = eng.grad_norm_before_step(engine) if boundary else None
+        lr_used = engine.get_lr()[0]  # the LR this optimizer step applies (the scheduler moves on in step())
         engine.step()
         if boundary:
             grad_norm = eng.global_grad_norm(engine, before)
@@ -288,8 +289,8 @@ def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = 
             tokens_per_s = window["tokens"] / elapsed
             scalars = {f"loss/{k.removesuffix('_loss') if k != 'loss' else 'total'}": v / n for k, v in sums.items()}
             scalars.update({
-                "align/lambda": float(out["align_weight"]) if "align_weight" in out else 0.0,
-                "lr": engine.get_lr()[0],
+                "align/lambda": float(out["align_weight"]) if "align_weight" in out else 0.0,  # used by this step
+                "lr": lr_used,
                 "grad_norm": grad_norm,
                 "throughput/samples_per_s": window["samples"] / elapsed,
                 "throughput/tokens_per_s": tokens_per_s,
