@@ -211,13 +211,14 @@ def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = 
 
         bar = tqdm(total=t_cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     log = Log(out_dir, rank == 0, t_cfg.tensorboard, bar)
-    backbone_params = sum(_numel(p) for p in module.backbone.parameters())
+    # embedding tables are looked up, not multiplied: like nanoGPT, MFU counts the other parameters
+    backbone_params = sum(_numel(p) for n, p in module.backbone.named_parameters() if "embed" not in n)
     peak = nominal_peak_flops()
     if resume_from is not None:
         log.line(f"resumed from {resume_from} at step {step}")
     log.line(f"world size {world} (rank {info['rank']}), ZeRO-{eng.zero_stage(ds)}, precision {cfg.deepspeed.precision}, "
              f"micro batch {t_cfg.micro_batch_size} x accumulation {t_cfg.grad_accum}; "
-             f"MFU counts 4 x {backbone_params:,} backbone params x tokens against a nominal {peak / 1e12:.2f} TFLOP/s")
+             f"MFU counts 4 x {backbone_params:,} non-embedding backbone params x tokens against a nominal {peak / 1e12:.2f} TFLOP/s")
 
     sums: dict[str, float] = {}
     window = {"samples": 0, "tokens": 0, "micro": 0, "t0": time.perf_counter()}
@@ -370,3 +371,193 @@ def _save_trainable(module: torch.nn.Module, out_dir: Path, rank: int) -> None:
             from dsxfer.prompts import SoftPrompt
 
             SoftPrompt(state[key].shape[0], state[key].shape[1], state[key]).save(out_dir / "soft_prompt.safetensors", run=str(out_dir.name))
+
+
+# ------------------------------------------------------------------------------ data from the config
+
+
+def stable_pair_id(text_id: str) -> int:
+    """A 63-bit integer for a pair id string: the teacher-cache key, the same in every run and process."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text_id.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def _source_examples(cfg) -> tuple[list, list]:
+    """(training pool, held-out source dev set) of the source language.
+
+    XTREME's TyDi QA GoldP dev ships without answers, so the source dev set for early stopping is a
+    seeded hold-out of `data.dev_examples` questions from the source training file: never trained on,
+    never target-language data.
+    """
+    from dsxfer.data.readers import read_jsonl, read_pawsx_tsv, read_squad_json
+    from dsxfer.data.tasks import get_task, load_task
+
+    d = cfg.data
+    kind = cfg.model.task
+    if d.train_files:
+        items = []
+        for f in d.train_files:
+            if f.endswith(".jsonl"):
+                items += list(read_jsonl(f, kind, d.source_lang, on_error=d.on_error))
+            elif kind == "qa":
+                items += list(read_squad_json(f, d.source_lang, on_error=d.on_error))
+            else:
+                items += list(read_pawsx_tsv(f, d.source_lang, on_error=d.on_error))
+    else:
+        spec = get_task(d.train_task)
+        if spec.kind != kind:
+            raise ConfigError(f"config value data.train_task={d.train_task} is a {spec.kind} task but model.task={kind}; make them agree")
+        split = "train" if d.train_task == "tydiqa" else None
+        items = list(load_task(d.train_task, d.source_lang, split, data_dir=d.data_dir, on_error=d.on_error))
+    import random
+
+    ids = sorted({ex.id for ex in items})
+    n_dev = min(d.dev_examples, len(ids) // 5)  # never more than a fifth of the pool
+    dev_ids = set(random.Random(f"{cfg.train.seed}:dev").sample(ids, n_dev)) if n_dev else set()
+    pool = [ex for ex in items if ex.id not in dev_ids]
+    dev = [ex for ex in items if ex.id in dev_ids]
+    if d.max_train_examples is not None and len(pool) > d.max_train_examples:
+        keep = set(random.Random(f"{cfg.train.seed}:train").sample(sorted(ex.id for ex in pool), d.max_train_examples))
+        pool = [ex for ex in pool if ex.id in keep]
+    return pool, dev
+
+
+def _eval_examples(cfg) -> dict[str, list]:
+    """The evaluation test sets the run will be scored on (for the overlap check only)."""
+    from dsxfer.data.tasks import get_task, load_task, parse_langs
+
+    out = {}
+    for task in cfg.eval.tasks:
+        spec = get_task(task)
+        if spec.kind != cfg.model.task or task == "tydiqa":
+            continue
+        for lang in parse_langs(task, cfg.eval.langs if cfg.eval.langs == "all" else list(cfg.eval.langs)):
+            out[f"{task}/{lang}"] = list(load_task(task, lang, data_dir=cfg.data.data_dir))
+    return out
+
+
+def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, dict[str, Any]]:
+    """Readers -> k-shot sampling -> overlap check -> featurization -> TrainData, and what was used."""
+    from dsxfer.data.qa import collate_pairs, featurize_pairs, featurize_qa, pad_token_id
+    from dsxfer.data.readers import read_parallel
+    from dsxfer.data.sampling import sample_k_shot
+    from dsxfer.data.tasks import check_no_overlap, load_task, tatoeba_pairs
+
+    d, a = cfg.data, cfg.alignment
+    reserved = int(model.num_virtual_tokens)
+    pool, dev = _source_examples(cfg)
+
+    # --- k target-language shots, never drawn from rows of an evaluation set
+    evals = _eval_examples(cfg)
+    shots: dict[str, list] = {}
+    if d.k_shot > 0:
+        for lang in d.target_langs:
+            shot_pool = list(load_task(d.shot_task, lang, data_dir=d.data_dir, on_error=d.on_error))
+            banned = [ex.id for key, exs in evals.items() if key.startswith(f"{d.shot_task}/") for ex in exs]
+            shots[lang] = sample_k_shot(shot_pool, d.k_shot, cfg.train.seed, lang=lang, exclude=banned,
+                                        balanced=cfg.model.task == "classification")
+    training = pool + [ex for exs in shots.values() for ex in exs]
+    for key, exs in evals.items():  # rows are translations of each other: compare ids across languages
+        check_no_overlap(training, exs, f"training pool ({d.train_task} {d.source_lang} + {d.k_shot}-shot {d.shot_task}) vs {key}")
+
+    pad = pad_token_id(tokenizer)
+    if cfg.model.task == "qa":
+        feats = featurize_qa(training, tokenizer, max_length=cfg.model.max_length, doc_stride=cfg.model.doc_stride,
+                             reserved_tokens=reserved, with_labels=True)
+        task = Batches(len(feats), lambda idx: feats.batch(idx, pad, with_labels=True))
+    else:
+        pair_feats = featurize_pairs(training, tokenizer, max_length=cfg.model.max_length, reserved_tokens=reserved)
+        task = Batches(len(training), lambda idx: collate_pairs(pair_feats, idx, pad, with_labels=True))
+
+    # --- parallel pairs for the alignment loss
+    align, probes, n_pairs = None, {}, 0
+    if a.enabled:
+        pairs_by_lang = {}
+        if a.src_file:
+            pairs_by_lang["custom"] = list(read_parallel(a.src_file, a.tgt_file, "custom", on_error=d.on_error))[: a.max_pairs]
+        else:
+            for lang in a.target_langs:
+                pairs_by_lang[lang] = list(tatoeba_pairs(lang, d.data_dir, max_pairs=a.max_pairs, on_error=d.on_error))
+        pairs = [p for ps in pairs_by_lang.values() for p in ps]
+        n_pairs = len(pairs)
+        # the target side gets the soft prompt prepended: keep its real tokens within the budget
+        enc = lambda texts, budget: tokenizer(texts, truncation=True, max_length=budget)["input_ids"]
+        src_ids = enc([p.src for p in pairs], a.max_length)
+        tgt_ids = enc([p.tgt for p in pairs], max(4, a.max_length - reserved))
+        pair_ids = [stable_pair_id(f"{p.lang}:{p.id}") for p in pairs]
+
+        def pad_rows(rows):
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            return ids, mask
+
+        def make_align(idx):
+            s, sm = pad_rows([src_ids[i] for i in idx])
+            t, tm = pad_rows([tgt_ids[i] for i in idx])
+            return {"align_src_input_ids": s, "align_src_attention_mask": sm, "align_tgt_input_ids": t,
+                    "align_tgt_attention_mask": tm, "align_pair_ids": torch.tensor([pair_ids[i] for i in idx])}
+
+        align = Batches(n_pairs, make_align)
+        start = 0
+        for lang, ps in pairs_by_lang.items():  # a fixed probe of each language's first pairs
+            probes[lang] = make_align(list(range(start, start + min(16, len(ps)))))
+            start += len(ps)
+
+    # --- the source-language dev set for early stopping
+    dev_eval = None
+    if dev and cfg.model.task == "qa":
+        from dsxfer.evaluate import evaluate_qa
+
+        def dev_eval(module):
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            predict = lambda b: (lambda o: (o["start_logits"], o["end_logits"]))(module(_to(b, device)))
+            _, scores = evaluate_qa(predict, tokenizer, dev, lang=d.source_lang, max_length=cfg.model.max_length,
+                                    doc_stride=cfg.model.doc_stride, reserved_tokens=reserved,
+                                    batch_size=cfg.eval.batch_size, progress=False)
+            return scores
+    elif dev:
+        from dsxfer.evaluate import evaluate_classification
+
+        def dev_eval(module):
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            _, scores = evaluate_classification(lambda b: module(_to(b, device))["logits"], tokenizer, dev, lang=d.source_lang,
+                                                max_length=cfg.model.max_length, reserved_tokens=reserved,
+                                                batch_size=cfg.eval.batch_size, progress=False)
+            return scores
+
+    used = {"source_examples": len(pool), "source_dev_examples": len(dev), "shots": shots,
+            "task_features": task.n, "parallel_pairs": n_pairs, "source_dev_ids": [ex.id for ex in dev]}
+    log(f"data: {len(pool)} {d.train_task} {d.source_lang} training examples + "
+        f"{sum(len(v) for v in shots.values())} target shots ({d.k_shot} per language from {d.shot_task}: "
+        f"{', '.join(shots) or 'none'}) -> {task.n} features; {len(dev)} held-out source dev examples; "
+        f"{n_pairs} parallel pairs; no overlap with {', '.join(evals) or 'no evaluation set'}")
+    return TrainData(task=task, align=align, align_probes=probes, dev_eval=dev_eval), used
+
+
+def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
+    """Build model and data from the config and train: the body of `dsxfer train` and launchers/train.py."""
+    from dsxfer.data.sampling import save_shots
+    from dsxfer.model import build_transfer_model
+
+    info = eng.init_distributed()
+    ds = eng.build_ds_config(cfg, eng.world_size())
+    with eng.zero3_construction(ds):  # under ZeRO-3 the backbone is partitioned while it loads
+        model = build_transfer_model(cfg)
+    rank0 = eng.rank() == 0
+    say = print if rank0 else (lambda *_: None)
+    if rank0:
+        say(model.summary())
+    data, used = build_train_data(cfg, model, model.tokenizer, log=say)
+    out_dir = Path(cfg.train.output_dir)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_shots(out_dir / "shots.json", used["shots"], task=cfg.data.shot_task, k=cfg.data.k_shot, seed=cfg.train.seed)
+        (out_dir / "source_dev_ids.json").write_text(json.dumps(used["source_dev_ids"]))
+    summary = run_training(cfg, model, data, quiet=quiet)
+    summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids")}, rank=info["rank"])
+    return summary
