@@ -81,14 +81,18 @@ class QAFeatures:
         return batch
 
 
-def _truncate_questions(questions: list[str], tokenizer: Any, max_question_tokens: int) -> list[str]:
+def _truncate_questions(questions: list[str], tokenizer: Any, max_question_tokens: int) -> tuple[list[str], int]:
     """Cut questions longer than max_question_tokens at a token boundary (only the context may be
-    windowed, so a giant question would otherwise leave no room for it)."""
+    windowed, so a giant question would otherwise leave no room for it). Also returns the longest
+    question length in tokens."""
     enc = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
-    out = []
+    out, longest = [], 0
     for q, offsets in zip(questions, enc["offset_mapping"]):
-        out.append(q[: offsets[max_question_tokens - 1][1]] if len(offsets) > max_question_tokens else q)
-    return out
+        if len(offsets) > max_question_tokens:
+            q = q[: offsets[max_question_tokens - 1][1]]
+        out.append(q)
+        longest = max(longest, min(len(offsets), max_question_tokens))
+    return out, longest
 
 
 def featurize_qa(
@@ -106,18 +110,18 @@ def featurize_qa(
     _check_fast(tokenizer)
     budget = max_length - reserved_tokens
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
-    if budget - max_question_tokens - n_special <= doc_stride:
-        raise DataError(
-            f"QA windows do not fit: max_length={max_length} - reserved_tokens={reserved_tokens} leaves {budget} tokens, "
-            f"which must exceed question tokens ({max_question_tokens}) + specials ({n_special}) + doc_stride ({doc_stride}); "
-            "raise model.max_length or lower model.doc_stride / prompts.length"
-        )
     cls_id = tokenizer.cls_token_id
     space_masks: dict[int, np.ndarray] = {}  # whitespace mask of the current example's context
     feats = QAFeatures([], [], [] if "token_type_ids" in tokenizer.model_input_names else None, [], [], [], [])
     for lo in range(0, len(examples), chunk_size):
         chunk = examples[lo : lo + chunk_size]
-        questions = _truncate_questions([ex.question.lstrip() for ex in chunk], tokenizer, max_question_tokens)
+        questions, longest = _truncate_questions([ex.question.lstrip() for ex in chunk], tokenizer, max_question_tokens)
+        if budget - longest - n_special <= doc_stride:
+            raise DataError(
+                f"QA windows do not fit: max_length={max_length} - reserved_tokens={reserved_tokens} leaves {budget} tokens, "
+                f"which must exceed the longest question ({longest} tokens, at most max_question_tokens={max_question_tokens}) "
+                f"+ specials ({n_special}) + doc_stride ({doc_stride}); raise model.max_length or lower model.doc_stride / prompts.length"
+            )
         enc = tokenizer(
             questions, [ex.context for ex in chunk], truncation="only_second", max_length=budget,
             stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
@@ -159,14 +163,15 @@ def _context_offsets(context: str, offsets: list, sequence_ids: list, is_space: 
     spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     in_context = np.asarray([s == 1 for s in sequence_ids])
     start, end = spans[:, 0].copy(), spans[:, 1].copy()
+    last = len(is_space) - 1  # question tokens carry question offsets: clip, they are masked anyway
     # a piece rarely carries more than one space, so a few vectorised passes suffice
     for _ in range(8):
-        move = in_context & (start < end) & is_space[np.minimum(start, len(context) - 1)]
+        move = in_context & (start < end) & is_space[np.clip(start, 0, last)]
         if not move.any():
             break
         start += move
     for _ in range(8):
-        move = in_context & (end > start) & is_space[np.maximum(end - 1, 0)]
+        move = in_context & (end > start) & is_space[np.clip(end - 1, 0, last)]
         if not move.any():
             break
         end -= move
