@@ -190,7 +190,7 @@ def test_long_question_is_cut_and_too_small_budget_is_a_clear_error():
     question_tokens = sum(o is None for o in feats.offset_mapping[0]) - tok.num_special_tokens_to_add(pair=True)
     assert question_tokens == 32
     with pytest.raises(DataError, match="max_length=128 - reserved_tokens=64 leaves 64 tokens, which must exceed the longest question \\(32 tokens"):
-        featurize_qa([ex], tok, max_length=128, doc_stride=16, reserved_tokens=64, max_question_tokens=32)
+        featurize_qa([ex], tok, max_length=128, doc_stride=30, reserved_tokens=64, max_question_tokens=32)
 
 
 def test_unlabelled_question_points_to_null():
