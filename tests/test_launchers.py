@@ -1,0 +1,110 @@
+"""Launchers: the Slurm script's launch logic on a simulated two-node allocation, SLURM_* rank mapping,
+the --dry-run command, and launchers/train.py's error path."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "launchers" / "slurm" / "train.sbatch"
+
+# What every rank runs: join the gloo group from the environment the launcher gave it, all_reduce.
+ALLREDUCE = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from dsxfer.engine import init_process_env
+info = init_process_env()
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+with open(os.path.join({out!r}, f"rank{{dist.get_rank()}}.txt"), "w") as f:
+    f.write(f"{{dist.get_rank()}} {{dist.get_world_size()}} {{int(t.item())}} {{os.environ['MASTER_ADDR']}} {{info['local_rank']}}")
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fake_scontrol(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\n# fake: a two-node allocation that is this machine twice\n'
+                        '[ "$1 $2" = "show hostnames" ] || exit 1\necho localhost\necho localhost\n')
+    scontrol.chmod(0o755)
+    return bin_dir
+
+
+def _slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(PATH=f"{_fake_scontrol(tmp_path)}:{env['PATH']}", SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2",
+               OMP_NUM_THREADS="1", PYTHON=sys.executable, **extra)
+    return env
+
+
+def test_sbatch_two_simulated_nodes_rendezvous(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "allreduce.py"
+    script.write_text(ALLREDUCE.format(root=str(ROOT), out=str(out)))
+    env = _slurm_env(tmp_path, GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()), TRAIN_SCRIPT=str(script))
+    procs = [subprocess.Popen(["bash", str(SBATCH), "--node"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, "SLURM_NODEID": str(n), "SLURM_PROCID": str(n)}, text=True) for n in (0, 1)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    results = sorted((out / f"rank{r}.txt").read_text().split() for r in (0, 1))
+    # two ranks, one per simulated node, met at the host scontrol named and summed 1 + 2
+    assert results == [["0", "2", "3", "localhost", "0"], ["1", "2", "3", "localhost", "0"]]
+
+
+def test_sbatch_dry_run_prints_the_exact_commands(tmp_path):
+    env = _slurm_env(tmp_path, GPUS_PER_NODE="4", MASTER_PORT="29611")
+    args = ["--deepspeed", "ds_configs/zero3.json", "--config", "configs/xquad_fewshot.yaml", "train.lr=1e-3"]
+    res = subprocess.run(["bash", str(SBATCH), "--dry-run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "# rendezvous localhost:29611, 2 node(s) x 4 GPU(s), mode torchrun"
+    assert lines[1].split() == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash",
+                                f"{ROOT}/launchers/slurm/train.sbatch", "--node", *args]
+    assert lines[3].split() == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4",
+                                "--node_rank", "\\$SLURM_NODEID", "--master_addr", "localhost", "--master_port", "29611",
+                                "launchers/train.py", *args]
+    res = subprocess.run(["bash", str(SBATCH), "--dry-run", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                         env={**env, "LAUNCH_MODE": "srun"})
+    assert res.stdout.splitlines()[1].split() == ["srun", "--nodes", "2", "--ntasks-per-node", "4", "--kill-on-bad-exit=1",
+                                                  sys.executable, "launchers/train.py", *args]
+    outside = {k: v for k, v in env.items() if k != "SLURM_JOB_NODELIST"}
+    res = subprocess.run(["bash", str(SBATCH), "--dry-run"], cwd=ROOT, env=outside, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "not inside a Slurm allocation" in res.stderr
+
+
+def test_srun_style_ranks_are_mapped_from_slurm_variables(tmp_path):
+    """srun starts the ranks itself: SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS become RANK / LOCAL_RANK / WORLD_SIZE."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "allreduce.py"
+    script.write_text(ALLREDUCE.format(root=str(ROOT), out=str(out)))
+    env = _slurm_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), SLURM_NTASKS="2")
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sorted((out / f"rank{r}.txt").read_text() for r in (0, 1)) == ["0 2 3 127.0.0.1 0", "1 2 3 127.0.0.1 1"]
+
+
+def test_launcher_reports_a_bad_config_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: fast\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    res = subprocess.run([sys.executable, "launchers/train.py", "--config", str(bad), "--deepspeed", "ds_configs/zero2.json"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["dsxfer: error: config value train.lr='fast' is invalid: expected a number"]
