@@ -2,22 +2,62 @@
 
 CUDA tensors with Triton available -> the Triton kernels; anything else -> the PyTorch reference
 in `reference.py` (the CPU path and the test oracle). Callers never import a backend directly.
+
+DSXFER_KERNELS=reference|triton|auto (default auto) forces a backend: `triton` on CPU tensors runs the
+kernels in Triton's interpreter (how the tests exercise them without a GPU). Calls the kernels do not
+cover go to the reference whatever the switch says: prefix attention with a general `attn_mask`, or
+float64 / head dim > 256; the alignment loss in float64 (the oracle dtype).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+
+import torch
+
 from dsxfer.kernels import reference
 from dsxfer.kernels.reference import masked_mean_pool
 
-__all__ = ["alignment_loss", "prefix_attention", "masked_mean_pool", "reference"]
+# The Triton modules share their names with the functions below. They are imported here, before the
+# functions are defined, so that the package attributes `prefix_attention` / `alignment_loss` end up as
+# the functions: a submodule binds itself onto the package only when it is first loaded.
+try:
+    _triton_attention = importlib.import_module("dsxfer.kernels.prefix_attention")
+    _triton_alignment = importlib.import_module("dsxfer.kernels.alignment_loss")
+except ImportError:  # no Triton on this platform: the reference is the only backend
+    _triton_attention = _triton_alignment = None
+
+__all__ = ["alignment_loss", "prefix_attention", "masked_mean_pool", "reference", "backend"]
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def backend(device) -> str:
+    """'triton' or 'reference' for tensors on `device`, after the DSXFER_KERNELS switch."""
+    choice = os.environ.get("DSXFER_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        from dsxfer.errors import ConfigError
+
+        raise ConfigError(f"environment variable DSXFER_KERNELS={choice!r} is invalid: expected one of "
+                          f"{', '.join(BACKENDS)}")
+    if choice == "reference" or _triton_attention is None:
+        return "reference"
+    if choice == "triton":
+        return "triton"
+    return "triton" if getattr(device, "type", str(device)) == "cuda" else "reference"
 
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False,
                      scale=None, attn_mask=None):
     """Attention over [prefix K/V ; sequence K/V]; see `reference.prefix_attention` for shapes."""
+    if backend(q.device) == "triton" and _triton_attention.supports(q, k, attn_mask):
+        return _triton_attention.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
     return reference.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, attn_mask)
 
 
 def alignment_loss(hidden, mask, teacher, loss="cosine", temperature=0.05):
     """Pooled alignment loss; see `reference.alignment_loss` for the definitions."""
+    if backend(hidden.device) == "triton" and hidden.dtype != torch.float64:
+        return _triton_alignment.alignment_loss(hidden, mask, teacher, loss, temperature)
     return reference.alignment_loss(hidden, mask, teacher, loss, temperature)

@@ -1,0 +1,154 @@
+"""Triton prefix attention vs the float64 PyTorch reference, on CPU through Triton's interpreter.
+
+Interpreter guard: TRITON_INTERPRET=1 is set here before triton is imported, but that alone is not
+robust (another test module may have imported triton first). What makes it robust is in
+dsxfer/kernels/_launch.py: kernels are wrapped at launch time, and CPU tensors always get an
+InterpretedFunction, whatever the import order. `test_cpu_launch_is_interpreted` checks that.
+
+Tolerance rule (STYLE.md): |kernel - fp64 reference| <= 2 x |reference run in the same dtype - fp64
+reference| + a tiny absolute floor (float32 only, where both errors are at rounding level).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dsxfer import kernels  # noqa: E402
+from dsxfer.errors import ConfigError  # noqa: E402
+from dsxfer.kernels import _launch, reference  # noqa: E402
+from dsxfer.kernels.prefix_attention import _attn_fwd_kernel, prefix_attention as triton_prefix_attention  # noqa: E402
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 0.0}
+NAMES = ("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
+
+
+def _inputs(B, Hq, Hkv, T, P, D, dtype, pad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    pk, pv = torch.randn(Hkv, P, D, generator=g), torch.randn(Hkv, P, D, generator=g)
+    kpm = None
+    if pad:
+        kpm = torch.ones(B, T, dtype=torch.bool)
+        kpm[0, (T + 1) // 2:] = False  # right padding on the first example
+        if B > 1:
+            kpm[-1, : T // 3] = False  # left padding on the last one
+    grad_out = torch.randn(B, Hq, T, D, generator=g)
+    return [x.to(dtype) for x in (q, k, v, pk, pv)], kpm, grad_out.to(dtype)
+
+
+def _run(fn, tensors, kpm, grad_out, causal, dtype):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in tensors]
+    out = fn(*leaves, key_padding_mask=kpm, causal=causal)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(dtype), allow_unused=True, materialize_grads=True)
+    return [out.detach().double()] + [g.double() for g in grads]
+
+
+def _check(B, Hq, Hkv, T, P, D, causal, pad, dtype):
+    tensors, kpm, grad_out = _inputs(B, Hq, Hkv, T, P, D, dtype, pad)
+    exact = _run(reference.prefix_attention, tensors, kpm, grad_out, causal, torch.float64)
+    torch_same_dtype = _run(reference.prefix_attention, tensors, kpm, grad_out, causal, dtype)
+    kernel = _run(triton_prefix_attention, tensors, kpm, grad_out, causal, dtype)
+    for name, ref, theirs, ours in zip(NAMES, exact, torch_same_dtype, kernel):
+        assert ours.shape == ref.shape, name
+        assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+        if ref.numel() == 0:
+            continue
+        ours_err = (ours - ref).abs().max().item()
+        their_err = (theirs - ref).abs().max().item()
+        assert ours_err <= 2 * their_err + FLOOR[dtype], (
+            f"{name}: kernel error {ours_err:.3g} > 2 x torch {dtype} error {their_err:.3g} + {FLOOR[dtype]}")
+
+
+# (B, Hq, Hkv, T, P, D, causal, pad): every P in {0, 1, 7, 16}, T in {1, 13, 128}, D in {32, 64},
+# causal and not, padding and not, GQA and not; fp16 only where it differs from fp32.
+CASES = [
+    (2, 4, 2, 13, 0, 32, False, True, torch.float32),    # no prefix, a fully left-padded example, GQA
+    (1, 2, 2, 1, 1, 64, True, False, torch.float32),     # a single query that sees prefix + itself
+    (2, 4, 2, 13, 7, 32, True, True, torch.float32),     # decoder: causal + padding + GQA
+    (1, 4, 1, 128, 16, 64, True, True, torch.float32),   # several key/query blocks, GQA group of 4
+    (2, 2, 2, 128, 7, 32, False, True, torch.float32),   # encoder, partial last blocks
+    (2, 2, 1, 13, 16, 64, False, True, torch.float16),
+    (1, 2, 1, 128, 7, 32, True, True, torch.float16),
+    (1, 2, 2, 128, 0, 64, True, False, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,P,D,causal,pad,dtype", CASES)
+def test_forward_and_gradients_match_fp64_reference(B, Hq, Hkv, T, P, D, causal, pad, dtype):
+    _check(B, Hq, Hkv, T, P, D, causal, pad, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("P", [0, 1, 7, 16])
+@pytest.mark.parametrize("T", [1, 13, 128])
+@pytest.mark.parametrize("D", [32, 64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)])
+def test_exhaustive_grid(heads, pad, causal, D, T, P, dtype):
+    _check(2, heads[0], heads[1], T, P, D, causal, pad, dtype)
+
+
+def test_prefix_is_shared_not_repeated():
+    """The prefix gradient is the sum over the batch: B copies of one example give B x its gradient."""
+    tensors, _, grad_out = _inputs(1, 2, 2, 13, 7, 32, torch.float32, pad=False, seed=3)
+    q, k, v, pk, pv = tensors
+    single = _run(triton_prefix_attention, [q, k, v, pk, pv], None, grad_out, False, torch.float32)
+    rep = [x.expand(3, -1, -1, -1).contiguous() for x in (q, k, v)]
+    triple = _run(triton_prefix_attention, rep + [pk, pv], None, grad_out.expand(3, -1, -1, -1), False, torch.float32)
+    torch.testing.assert_close(triple[4], 3 * single[4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(triple[5], 3 * single[5], rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_inputs_follow_strides():
+    """HF hands over (B, H, T, D) views of (B, T, H, D) projections: strides, not copies."""
+    tensors, kpm, grad_out = _inputs(2, 2, 2, 13, 7, 32, torch.float32, pad=True, seed=5)
+    q, k, v, pk, pv = tensors
+    q_view, k_view, v_view = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not q_view.is_contiguous()
+    torch.testing.assert_close(triton_prefix_attention(q_view, k_view, v_view, pk, pv, kpm),
+                               reference.prefix_attention(q, k, v, pk, pv, kpm), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_launch_is_interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(_launch.kernel(_attn_fwd_kernel, torch.device("cpu")), InterpretedFunction)
+
+
+def test_dispatch_switch(monkeypatch):
+    tensors, kpm, _ = _inputs(1, 2, 2, 13, 7, 32, torch.float32, pad=True)
+    q, k, v, pk, pv = tensors
+    monkeypatch.setenv("DSXFER_KERNELS", "auto")
+    assert kernels.backend(q.device) == "reference"  # CPU tensors: reference by default
+    monkeypatch.setenv("DSXFER_KERNELS", "triton")
+    out = kernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=kpm, causal=True)
+    assert out.grad_fn is None  # no grad requested; check it went through the custom op instead
+    q_leaf = q.clone().requires_grad_()
+    assert "PrefixAttentionFunction" in type(kernels.prefix_attention(q_leaf, k, v, pk, pv).grad_fn).__name__
+    # A general mask is not a kernel input: the dispatcher falls back to the reference, same answer.
+    attn_mask = torch.rand(1, 1, 13, 13, generator=torch.Generator().manual_seed(0)) > 0.3
+    fallback = kernels.prefix_attention(q_leaf, k, v, pk, pv, attn_mask=attn_mask)
+    assert "PrefixAttentionFunction" not in type(fallback.grad_fn).__name__
+    torch.testing.assert_close(fallback, reference.prefix_attention(q, k, v, pk, pv, attn_mask=attn_mask))
+    monkeypatch.setenv("DSXFER_KERNELS", "cuda-please")
+    with pytest.raises(ConfigError, match="DSXFER_KERNELS"):
+        kernels.prefix_attention(q, k, v, pk, pv)
+
+
+def test_torch_compile_traces_the_custom_ops():
+    """register_fake lets torch.compile trace the ops in one graph (aot_eager: no C++ compiler needed)."""
+    tensors, kpm, grad_out = _inputs(1, 2, 1, 13, 7, 32, torch.float32, pad=True, seed=7)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(q, k, v, pk, pv, key_padding_mask, causal):
+        return triton_prefix_attention(q, k, v, pk, pv, key_padding_mask=key_padding_mask, causal=causal)
+
+    compiled = _run(step, tensors, kpm, grad_out, True, torch.float32)
+    eager = _run(reference.prefix_attention, tensors, kpm, grad_out, True, torch.float64)
+    for name, a, b in zip(NAMES, compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
