@@ -7,8 +7,9 @@ the teacher vectors (N, H), a constant that receives no gradient.
 What is fused, and what that saves:
 - `_pool_kernel`, one program per row: masked mean-pool over T, both L2 normalisations and the
   per-row cosine / squared error, in one read of `hidden`. Padded positions are never loaded. The
-  eager reference makes a float32 copy of `hidden` and a masked copy of that (two extra N x T x H
-  tensors, both kept by autograd); here only (N, H) float32 vectors and two (N,) vectors are saved.
+  eager reference makes a float32 copy of `hidden` and a masked copy of that (two transient N x T x H
+  float32 tensors in forward, and again in backward); here forward allocates (N, H) float32 vectors
+  and (N,) vectors only, and those are all autograd saves (never `hidden`).
 - `_infonce_fwd_kernel`: the N x N similarity matrix is computed block by block (BLOCK_M rows x
   BLOCK_N columns, reduced over H in BLOCK_K steps) with an online log-sum-exp; only the (N,) LSE is
   kept. The reference holds the N x N logits and their softmax.
@@ -195,6 +196,12 @@ def _grad_kernel(grad_loss_ptr, mask_ptr, pooled_ptr, teacher_ptr, teacher_out_p
     grad_s = grad_s * (tl.load(grad_loss_ptr) / tl.load(count_ptr + n))
     w = tl.load(mask_ptr + n * stride_mn + offs_t, mask=offs_t < T, other=0.0)
     out = w[:, None] * grad_s[None, :]
+    if dh_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand: the GPU's cast does this already, but the interpreter's float32 ->
+        # bfloat16 cast truncates; after this the cast is exact on both.
+        bits = out.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        out = bits.to(tl.float32, bitcast=True)
     tl.store(dh_ptr + n * stride_dn + offs_t[:, None] * stride_dt + offs_h[None, :],
              out.to(dh_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & h_ok[None, :])
 
