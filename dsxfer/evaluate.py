@@ -271,6 +271,13 @@ def run_eval(
     lang_list = parse_langs(task, langs)
     if task == "tydiqa":
         raise DataError("tydiqa: the bundled GoldP dev set carries no gold answers, so it cannot be scored; evaluate on xquad or mlqa")
+    # read and check every language before loading a model: a bad file or a leak fails in seconds
+    data = {}
+    for lang in lang_list:
+        all_examples = load_task(task, lang, data_dir=data_dir).items
+        examples = subset(all_examples, max_examples, seed)
+        check_eval_leakage(run_dir, task, examples)
+        data[lang] = (examples, len(all_examples))
     if predictor is None:
         predictor = load_predictor(spec.kind, model=model, run_dir=run_dir, num_labels=len(spec.labels) or 2, seed=seed)
     max_length = max_length or predictor.max_length or (384 if spec.kind == "qa" else 128)
@@ -278,13 +285,11 @@ def run_eval(
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for lang in lang_list:
-        all_examples = load_task(task, lang, data_dir=data_dir).items
-        examples = subset(all_examples, max_examples, seed)
-        check_eval_leakage(run_dir, task, examples)
+    # MLQA "de-en" = German context, English question: answers are German, so the metric uses "de"
+    for lang, (examples, n_total) in data.items():
         if spec.kind == "qa":
             preds, scores = evaluate_qa(
-                predictor.predict, predictor.tokenizer, examples, lang=lang.partition("-")[2] or lang, metric=spec.metric,
+                predictor.predict, predictor.tokenizer, examples, lang=lang.partition("-")[0], metric=spec.metric,
                 max_length=max_length, doc_stride=doc_stride, reserved_tokens=predictor.reserved_tokens,
                 batch_size=batch_size, n_best=n_best, max_answer_length=max_answer_length, progress=progress)
         else:
@@ -293,7 +298,7 @@ def run_eval(
                 reserved_tokens=predictor.reserved_tokens, batch_size=batch_size, progress=progress)
         (out_dir / f"predictions_{lang}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=1), encoding="utf-8")
         results.append({"task": task, "lang": lang, "metric": spec.metric, **{k: round(v, 4) for k, v in scores.items()},
-                        "n_examples": len(examples), "data": data_note(task, len(examples), len(all_examples))})
+                        "n_examples": len(examples), "data": data_note(task, len(examples), n_total)})
     doc = {"method": predictor.method, "model": predictor.model_name, "run_dir": str(run_dir) if run_dir else None,
            "seed": seed, "task": task, "results": results}
     (out_dir / "scores.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -1,0 +1,149 @@
+"""Evaluation around a predict callable; HF models with a fresh head; `dsxfer eval` end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel, XLMRobertaConfig, XLMRobertaModel
+
+from dsxfer.cli import main
+from dsxfer.data import featurize_qa, load_task, save_shots
+from dsxfer.errors import DataError
+from dsxfer.evaluate import (
+    build_hf_model, evaluate_classification, evaluate_qa, hf_predictor, run_eval, subset,
+)
+from test_data_qa import char_tokenizer, decoder_tokenizer, encoder_tokenizer
+
+
+def _save_tiny(path, arch):
+    """A tiny randomly initialised backbone + its small fast tokenizer, saved as an HF folder."""
+    torch.manual_seed(0)
+    if arch == "xlm-roberta":
+        tok = encoder_tokenizer()
+        cfg = XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=520, pad_token_id=tok.pad_token_id)
+        model = XLMRobertaModel(cfg)
+    else:
+        tok = decoder_tokenizer()
+        tok.pad_token = tok.eos_token
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
+                          pad_token_id=tok.eos_token_id)
+        model = LlamaModel(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_xlmr(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("xlmr"), "xlm-roberta")
+
+
+def test_evaluate_qa_through_the_predict_callable_scores_gold_logits_100():
+    # a predict callable that knows the gold span of each window (by its token ids) must score 100 EM
+    # (character tokens: every gold answer is a token span)
+    examples = subset(load_task("mlqa", "de").items, 40, seed=0)
+    tok = char_tokenizer([t for ex in examples for t in (ex.question, ex.context)])
+    labelled = featurize_qa(examples, tok, max_length=512, doc_stride=256)  # an answer of 203 chars fits a window
+    gold = {tuple(ids): (s, e) for ids, s, e in zip(labelled.input_ids, labelled.start_positions, labelled.end_positions)}
+    calls = []
+
+    def predict(batch):
+        calls.append(batch["input_ids"].shape[0])
+        start = torch.zeros(batch["input_ids"].shape)
+        end = torch.zeros(batch["input_ids"].shape)
+        for r, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"])):
+            s, e = gold[tuple(ids[mask.bool()].tolist())]
+            start[r, s] = end[r, e] = 5.0
+        return start, end
+
+    preds, scores = evaluate_qa(predict, tok, examples, lang="de", metric="mlqa", max_length=512, doc_stride=256,
+                                batch_size=7, max_answer_length=250, progress=False)
+    assert scores == {"exact_match": 100.0, "f1": 100.0}
+    assert set(preds) == {ex.id for ex in examples}
+    assert sum(calls) == len(labelled) and max(calls) == 7
+
+
+def test_evaluate_classification_accuracy_matches_a_hand_count():
+    tok = encoder_tokenizer()
+    examples = load_task("pawsx", "es").items[:50]
+    # predict label 1 exactly when the first sentence is longer than the second (by real tokens)
+    preds, scores = evaluate_classification(
+        lambda b: torch.stack([torch.zeros(len(b["input_ids"])), (b["attention_mask"].sum(1) > 40).float()], 1),
+        tok, examples, lang="es", batch_size=16, progress=False)
+    lengths = [len(tok(ex.sentence1, ex.sentence2)["input_ids"]) for ex in examples]
+    expected = [int(n > 40) for n in lengths]
+    assert [preds[ex.id] for ex in examples] == expected
+    assert scores["accuracy"] == pytest.approx(100 * np.mean([p == ex.label for p, ex in zip(expected, examples)]))
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "llama"])
+def test_fresh_head_is_seeded_and_backbone_weights_are_loaded(tmp_path, arch):
+    path = _save_tiny(tmp_path, arch)
+    a = build_hf_model(str(path), task="qa", seed=3)
+    b = build_hf_model(str(path), task="qa", seed=3)
+    c = build_hf_model(str(path), task="qa", seed=4)
+    head = "qa_outputs"
+    assert torch.equal(getattr(a, head).weight, getattr(b, head).weight)
+    assert not torch.equal(getattr(a, head).weight, getattr(c, head).weight)
+    saved = (XLMRobertaModel if arch == "xlm-roberta" else LlamaModel).from_pretrained(path)
+    name, weight = next((n, w) for n, w in saved.state_dict().items() if "embed" in n and n.endswith("weight"))
+    assert torch.equal(a.base_model.state_dict()[name], weight)
+    # the predictor runs a padded batch end to end
+    tok = encoder_tokenizer() if arch == "xlm-roberta" else decoder_tokenizer()
+    feats = featurize_qa(load_task("xquad", "en").items[:3], tok, max_length=128, doc_stride=32, with_labels=False)
+    start, end = hf_predictor(a)(feats.batch([0, 1, 2], tok.pad_token_id or tok.eos_token_id))
+    assert start.shape == end.shape == (3, max(len(x) for x in feats.input_ids[:3]))
+
+
+def test_cli_eval_writes_prediction_files_and_scores(tiny_xlmr, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(["eval", "--task", "xquad", "--langs", "de,zh", "--model", str(tiny_xlmr), "--max_examples", "12",
+               "--output_dir", str(out), "--batch_size", "8"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "xquad" in printed and "XQuAD subset of 12" in printed and "avg" in printed
+    scores = json.loads((out / "scores.json").read_text())
+    assert [r["lang"] for r in scores["results"]] == ["de", "zh"]
+    for r in scores["results"]:
+        preds = json.loads((out / f"predictions_{r['lang']}.json").read_text(encoding="utf-8"))
+        examples = {ex.id: ex for ex in load_task("xquad", r["lang"])}
+        # official prediction-file format: {question id: answer text}, text cut from the context
+        assert len(preds) == 12 and all(isinstance(v, str) and v in examples[k].context for k, v in preds.items())
+        assert r["n_examples"] == 12 and r["data"] == "XQuAD subset of 12" and r["metric"] == "squad"
+        assert 0.0 <= r["exact_match"] <= r["f1"] <= 100.0
+    # the same rows are evaluated in every language (a subset by question id)
+    de = json.loads((out / "predictions_de.json").read_text())
+    zh = json.loads((out / "predictions_zh.json").read_text())
+    assert set(de) == set(zh)
+    # same seed -> same fresh head -> same predictions
+    again = run_eval("xquad", "de", model=str(tiny_xlmr), max_examples=12, output_dir=tmp_path / "again", progress=False)
+    assert json.loads((tmp_path / "again" / "predictions_de.json").read_text()) == de
+    assert again["results"][0]["f1"] == scores["results"][0]["f1"]
+
+
+def test_pawsx_eval_accuracy_equals_the_prediction_file(tiny_xlmr, tmp_path):
+    doc = run_eval("pawsx", "en,ja", model=str(tiny_xlmr), max_examples=30, output_dir=tmp_path, progress=False)
+    for r in doc["results"]:
+        preds = json.loads((tmp_path / f"predictions_{r['lang']}.json").read_text())
+        gold = {ex.id: ex.label for ex in load_task("pawsx", r["lang"])}
+        assert len(preds) == 30 and set(preds.values()) <= {0, 1}
+        assert r["accuracy"] == pytest.approx(100 * np.mean([gold[k] == v for k, v in preds.items()]), abs=1e-4)
+        assert r["data"] == "PAWS-X dev subset of 30"
+
+
+def test_eval_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["eval", "--task", "tydiqa"]) == 2
+    assert "no gold answers" in capsys.readouterr().err
+    assert main(["eval", "--task", "xquad", "--langs", "de,xx"]) == 2
+    assert "unknown language code 'xx'" in capsys.readouterr().err
+    # a run folder whose shots overlap the test rows is rejected before any model is loaded
+    run = tmp_path / "run"
+    save_shots(run / "shots.json", {"de": [ex.id for ex in load_task("xquad", "de").items[:3]]}, task="xquad", k=3, seed=0)
+    with pytest.raises(DataError, match=r"3 row id\(s\) are in both"):
+        run_eval("xquad", "en", run_dir=str(run), output_dir=tmp_path / "o", progress=False)
+    # a run folder without trained artifacts names what is missing
+    assert main(["eval", "--task", "xquad", "--langs", "en", "--run_dir", str(tmp_path / "empty_run"), "--max_examples", "3"]) == 2
+    assert "lacks" in capsys.readouterr().err
