@@ -37,22 +37,29 @@ from dsxfer.kernels import _launch
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
-# Block sizes (H100 first; DSXFER_AUTOTUNE=1 tries the rest) and one for the interpreter.
-FWD_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
-]
-DKDV_CONFIGS = [
-    dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=5),
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-]
-DQ_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-]
+# Block sizes per element size (H100 first; DSXFER_AUTOTUNE=1 tries the rest) and one for the interpreter.
+# float32 tiles are twice the bytes: smaller blocks and fewer pipeline stages keep them in shared memory.
+FWD_CONFIGS = {
+    2: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)],
+    4: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)],
+}
+DKDV_CONFIGS = {
+    2: [dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=5),
+        dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    4: [dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)],
+}
+DQ_CONFIGS = {
+    2: [dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    4: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)],
+}
 INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 DELTA_BLOCK_M = 64
 
@@ -328,7 +335,7 @@ def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             Hq, T, P, Hq // Hkv, scale * LOG2E, **common, **_launch.blocks(cfg), **_launch.launch_options(cfg))
 
     key = (T, P, D, q.dtype, causal)
-    run(_launch.pick_config("prefix_attention_fwd", key, FWD_CONFIGS, dev, run, INTERPRETER_BLOCKS))
+    run(_launch.pick_config("prefix_attention_fwd", key, FWD_CONFIGS[q.element_size()], dev, run, INTERPRETER_BLOCKS))
     return out, lse
 
 
@@ -396,11 +403,11 @@ def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
             Hq, T, P, group, qk_scale, scale, **common, **_launch.blocks(cfg), **_launch.launch_options(cfg))
 
     key = (T, P, D, q.dtype, causal, group)
-    cfg = _launch.pick_config("prefix_attention_dkdv", key, DKDV_CONFIGS, dev, lambda c: run_dkdv(c, False),
+    cfg = _launch.pick_config("prefix_attention_dkdv", key, DKDV_CONFIGS[q.element_size()], dev, lambda c: run_dkdv(c, False),
                               INTERPRETER_BLOCKS)
     run_dkdv(cfg, False)
     run_dkdv(cfg, True)
-    run_dq(_launch.pick_config("prefix_attention_dq", key, DQ_CONFIGS, dev, run_dq, INTERPRETER_BLOCKS))
+    run_dq(_launch.pick_config("prefix_attention_dq", key, DQ_CONFIGS[q.element_size()], dev, run_dq, INTERPRETER_BLOCKS))
     dprefix_k = dpk_part.sum(0).to(prefix_k.dtype)
     dprefix_v = dpv_part.sum(0).to(prefix_v.dtype)
     return dq, dk, dv, dprefix_k, dprefix_v

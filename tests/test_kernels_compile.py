@@ -1,0 +1,147 @@
+"""Every Triton kernel compiles to sm_90 (H100) machine code on this GPU-less machine.
+
+The interpreter runs kernels as numpy and accepts things the GPU compiler rejects (layouts, dot shapes,
+dtype mixes, shared-memory overflow). Here each kernel goes through triton.compile with
+GPUTarget("cuda", 90, 32) and an ASTSource (signature + constexprs): Triton's own frontend, MLIR passes,
+LLVM to PTX, then the bundled ptxas (triton/backends/nvidia/bin/ptxas) to a cubin. Nothing in that
+chain needs a GPU or a CUDA driver. The block sizes and warp counts are the H100 defaults the
+dispatch uses, so shared memory is checked against the H100's per-block limit as well.
+
+A fresh TRITON_CACHE_DIR per test module makes every run really compile (no cache hits). The lean
+default set covers each kernel in its most constrained variant and each dtype for the attention
+kernels; the full dtype x variant grid is @slow.
+"""
+
+import os
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dsxfer.kernels.alignment_loss import (GRAD_CONFIGS, INFONCE_BWD_CONFIGS, INFONCE_CONFIGS, POOL_CONFIGS,
+                                           _grad_kernel, _infonce_bwd_kernel, _infonce_fwd_kernel, _pool_kernel)
+from dsxfer.kernels.prefix_attention import (DELTA_BLOCK_M, DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS,
+                                             _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
+                                             _attn_fwd_kernel)
+
+H100 = GPUTarget("cuda", 90, 32)
+H100_SHARED_PER_BLOCK = 227 * 1024
+TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOAT_ARGS = {"qk_scale", "sm_scale", "coef"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_triton_cache(tmp_path_factory):
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = previous
+
+
+def compile_for_h100(fn, pointers: dict[str, str], constexprs: dict, config: dict):
+    """Compile kernel source `fn` for sm_90; pointer args typed by `pointers`, other ints i32."""
+    config = dict(config)
+    options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    constexprs = {**constexprs, **config}
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    missing = set(pointers) - set(names)
+    assert not missing, f"unknown pointer arguments {missing}"
+    # Pointers 16-byte aligned, as torch allocations are: lets the compiler vectorise loads.
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    jit = triton.runtime.jit.JITFunction(fn)
+    compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=H100, options=options)
+    assert compiled.asm.get("ptx"), "no PTX produced"
+    assert len(compiled.asm.get("cubin", b"")) > 0, "no cubin produced"
+    assert ".target sm_90" in compiled.asm["ptx"]
+    assert compiled.metadata.shared <= H100_SHARED_PER_BLOCK, (
+        f"{fn.__name__} needs {compiled.metadata.shared} B of shared memory, more than an H100 block has")
+    return compiled
+
+
+def attention_kernels(dtype, causal=True, kpm=True):
+    """(name, fn, pointer types, constexprs, config) for the four attention kernels in one dtype."""
+    t = "*" + TRITON_TYPE[dtype]
+    common = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=causal, HAS_KPM=kpm,
+                  PRECISION="tf32x3" if dtype == torch.float32 else "ieee")
+    io = dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", O=t, LSE="*fp32")
+    size = dtype.itemsize
+    yield "attn_fwd", _attn_fwd_kernel, io, common, FWD_CONFIGS[size][0]
+    yield ("attn_bwd_delta", _attn_bwd_delta_kernel, dict(O=t, DO=t, DELTA="*fp32"),
+           dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=DELTA_BLOCK_M), {})
+    for prefix in (False, True):
+        grads = "*fp32" if prefix else t  # prefix partials are float32
+        yield (f"attn_bwd_dkdv_prefix={prefix}", _attn_bwd_dkdv_kernel,
+               dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", KPM="*i8", DK=grads, DV=grads),
+               {**common, "IS_PREFIX": prefix}, DKDV_CONFIGS[size][0])
+    yield ("attn_bwd_dq", _attn_bwd_dq_kernel,
+           dict(Q=t, K=t, V=t, PK=t, PV=t, DO=t, LSE="*fp32", DELTA="*fp32", KPM="*i8", DQ=t), common, DQ_CONFIGS[size][0])
+
+
+def alignment_kernels(dtype, loss_kind=2, H=1024):
+    t = "*" + TRITON_TYPE[dtype]
+    f = "*fp32"
+    yield ("pool", _pool_kernel,
+           dict(hidden_ptr=t, mask_ptr=f, teacher_ptr=f, pooled_ptr=f, teacher_out_ptr=f, rnorm_ptr=f, count_ptr=f,
+                row_ptr=f), dict(LOSS=loss_kind, BLOCK_H=H), POOL_CONFIGS[0])
+    yield ("grad", _grad_kernel,
+           dict(grad_loss_ptr=f, mask_ptr=f, pooled_ptr=f, teacher_ptr=f, teacher_out_ptr=f, acc_ptr=f, rnorm_ptr=f,
+                count_ptr=f, dh_ptr=t), dict(LOSS=loss_kind, BLOCK_H=H), GRAD_CONFIGS[0])
+    if loss_kind == 2:
+        yield ("infonce_fwd", _infonce_fwd_kernel, dict(s_ptr=f, t_ptr=f, lse_ptr=f), dict(PRECISION="tf32x3"),
+               INFONCE_CONFIGS[0])
+        yield ("infonce_bwd", _infonce_bwd_kernel, dict(s_ptr=f, t_ptr=f, lse_ptr=f, acc_ptr=f),
+               dict(PRECISION="tf32x3"), INFONCE_BWD_CONFIGS[0])
+
+
+def _lean():
+    """The default set: each attention kernel in bf16 (causal, padded: the most constrained variant), the
+    float32 forward (the largest tiles), and the four alignment-loss kernels."""
+    for item in attention_kernels(torch.bfloat16):
+        if item[0] in ("attn_fwd", "attn_bwd_dkdv_prefix=False", "attn_bwd_dq"):
+            yield ("bf16",) + item
+    yield ("fp32",) + next(attention_kernels(torch.float32))
+    for item in alignment_kernels(torch.bfloat16):
+        yield ("bf16",) + item
+
+
+LEAN = list(_lean())
+
+
+@pytest.mark.parametrize("dtype,name,fn,pointers,constexprs,config", LEAN,
+                         ids=[f"{item[0]}-{item[1]}" for item in LEAN])
+def test_kernel_compiles_for_sm90(dtype, name, fn, pointers, constexprs, config):
+    compile_for_h100(fn, pointers, constexprs, config)
+
+
+def _full_grid():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            for kpm in (False, True):
+                for item in attention_kernels(dtype, causal, kpm):
+                    yield (f"{TRITON_TYPE[dtype]}-causal={causal}-kpm={kpm}",) + item
+        for loss_kind in (0, 1, 2):
+            for item in alignment_kernels(dtype, loss_kind):
+                yield (f"{TRITON_TYPE[dtype]}-loss={loss_kind}",) + item
+
+
+FULL = list(_full_grid())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,name,fn,pointers,constexprs,config", FULL,
+                         ids=[f"{item[0]}-{item[1]}" for item in FULL])
+def test_every_variant_compiles_for_sm90(variant, name, fn, pointers, constexprs, config):
+    compile_for_h100(fn, pointers, constexprs, config)
