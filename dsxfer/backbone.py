@@ -55,7 +55,19 @@ def _resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool, bool]:
     if not (folder / "config.json").is_file():
         raise DsxferError(f"model folder {folder} has no config.json, so it is not an HF model folder; "
                           "point model.name_or_path at the folder that save_pretrained wrote")
-    return str(folder), True, False
+    return str(folder), True, _is_embedded_folder(folder)
+
+
+def _is_embedded_folder(folder: Path) -> bool:
+    """A folder written by dsxfer.embedded (also when passed by path), recognised by its manifest."""
+    import json
+
+    from dsxfer.embedded import MANIFEST, MODEL_NAME
+
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("name") == MODEL_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _not_found(name: str, error: Exception) -> DsxferError:

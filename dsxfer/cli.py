@@ -36,6 +36,8 @@ class Commands:
 
     Commands:
       config          inspect configurations (show, help)
+      demo            show the embedded default model (parameters, layers, languages, cache folder)
+      prepare-model   build or check the embedded default model (or check that --model loads) and print its summary
       eval            evaluate a backbone or a trained run per language; write predictions and scores
       report          aggregate runs into per-language tables (md/csv/json) and PNG charts
     """
@@ -61,6 +63,31 @@ class Commands:
                        batch_size=batch_size, seed=seed, data_dir=data_dir, max_length=max_length, doc_stride=doc_stride)
         print(format_scores(doc))
         print(f"wrote {output_dir}/scores.json and predictions_<lang>.json")
+
+    def prepare_model(self, cache: str | None = None, force: bool = False, model: str | None = None) -> None:
+        """Build or check the embedded default model (or check that --model loads) and print its summary.
+
+        --cache DIR: cache root (default $DSXFER_CACHE, else ~/.cache/dsxfer); --force: rebuild even when
+        the cached folder is valid. A cached folder that fails its manifest check is reported and rebuilt.
+        --model NAME_OR_FOLDER: instead load that HF model and its tokenizer and summarise them.
+        """
+        if model is not None:
+            from dsxfer.backbone import load_backbone, load_tokenizer
+
+            backbone, tokenizer = load_backbone(model), load_tokenizer(model)
+            config = backbone.config
+            print(f"model {model}: {type(backbone).__name__}, {sum(p.numel() for p in backbone.parameters()):,} parameters, "
+                  f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, vocabulary {len(tokenizer):,}")
+            return
+        from dsxfer.embedded import embedded_model_path, print_summary
+
+        print_summary(embedded_model_path(cache, force=force))
+
+    def demo(self) -> None:
+        """Show the embedded default model (parameters, layers, languages, cache folder)."""
+        from dsxfer.embedded import print_summary
+
+        print_summary()
 
     def report(self, *run_dirs: str, output_dir: str = "runs/report", plots: bool = True) -> None:
         """Aggregate runs into per-language tables (md/csv/json) and PNG charts.

