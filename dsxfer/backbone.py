@@ -85,9 +85,9 @@ def load_backbone(name_or_path: str | os.PathLike | None = None, *, task: str | 
     """
     if task not in TASKS:
         raise ConfigError(f"model.task is {task!r}; use qa or classification")
+    target, local, embedded = _resolve(name_or_path)
     from transformers import AutoConfig, AutoModel
 
-    target, local, embedded = _resolve(name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
     try:
         config = AutoConfig.from_pretrained(target, **kwargs)
@@ -108,9 +108,9 @@ def load_backbone(name_or_path: str | os.PathLike | None = None, *, task: str | 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False) -> Any:
     """The fast tokenizer of a model; decoders without a pad token get their eos token as pad token."""
+    target, local, _ = _resolve(name_or_path)
     from transformers import AutoTokenizer
 
-    target, local, _ = _resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
