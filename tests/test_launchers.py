@@ -33,6 +33,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait(procs, timeout: float = 120) -> list[str]:
+    """Outputs of the processes; on a hang, stop them (each started by this test, by its own id)."""
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            logs.append(f"timed out after {timeout} s: " + (p.communicate()[0] or ""))
+    return logs
+
+
 def _fake_scontrol(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -58,7 +71,7 @@ def test_sbatch_two_simulated_nodes_rendezvous(tmp_path):
     env = _slurm_env(tmp_path, GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()), TRAIN_SCRIPT=str(script))
     procs = [subprocess.Popen(["bash", str(SBATCH), "--node"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env={**env, "SLURM_NODEID": str(n), "SLURM_PROCID": str(n)}, text=True) for n in (0, 1)]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
+    logs = _wait(procs)
     assert [p.returncode for p in procs] == [0, 0], logs
     results = sorted((out / f"rank{r}.txt").read_text().split() for r in (0, 1))
     # two ranks, one per simulated node, met at the host scontrol named and summed 1 + 2
@@ -75,8 +88,8 @@ def test_sbatch_dry_run_prints_the_exact_commands(tmp_path):
     assert lines[1].split() == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash",
                                 f"{ROOT}/launchers/slurm/train.sbatch", "--node", *args]
     assert lines[3].split() == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4",
-                                "--node_rank", "\\$SLURM_NODEID", "--master_addr", "localhost", "--master_port", "29611",
-                                "launchers/train.py", *args]
+                                "--node_rank", "\\$SLURM_NODEID", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:29611",
+                                "--rdzv_id", "dsxfer", "launchers/train.py", *args]
     res = subprocess.run(["bash", str(SBATCH), "--dry-run", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
                          env={**env, "LAUNCH_MODE": "srun"})
     assert res.stdout.splitlines()[1].split() == ["srun", "--nodes", "2", "--ntasks-per-node", "4", "--kill-on-bad-exit=1",
@@ -95,7 +108,7 @@ def test_srun_style_ranks_are_mapped_from_slurm_variables(tmp_path):
     env = _slurm_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), SLURM_NTASKS="2")
     procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
+    logs = _wait(procs)
     assert [p.returncode for p in procs] == [0, 0], logs
     assert sorted((out / f"rank{r}.txt").read_text() for r in (0, 1)) == ["0 2 3 127.0.0.1 0", "1 2 3 127.0.0.1 1"]
 
