@@ -397,7 +397,7 @@ def build_transfer_model(cfg: ExperimentConfig, *, tokenizer: Any = None) -> Tra
             kwargs[key] = value
     backbone = bb.load_backbone(cfg.model.name_or_path, **kwargs)
     if tokenizer is None:
-        tokenizer = bb.load_tokenizer(cfg.model.name_or_path)
+        tokenizer = bb.load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     torch.manual_seed(cfg.train.seed)  # prompts, prefixes and head start the same for the same seed
     return TransferModel(backbone, cfg, tokenizer, model_id=str(cfg.model.name_or_path or "embedded-default"))
 

@@ -144,3 +144,46 @@ def test_k_shot_larger_than_pool_is_a_config_error():
     check_k_shot(8, 8, lang="de")
     with pytest.raises(ConfigError, match="data.k_shot=9 is invalid for language 'de': the shot pool holds only 8 examples"):
         check_k_shot(9, 8, lang="de")
+
+
+def test_build_then_load_trained_reproduces_outputs(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dsxfer.model import build_transfer_model, load_trained
+
+    backbone = tiny_backbone("xlm-roberta")
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 120)}}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", cls_token="<s>", sep_token="</s>")
+    backbone.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    run = tmp_path / "run"
+    cfg = config(f"model.name_or_path={tmp_path / 'tiny'}", "prompts.length=3", "injection.length=2",
+                 "freezing.strategy=layernorm", f"train.output_dir={run}")
+    model = build_transfer_model(cfg)
+    b = pair_batch()
+    b.pop("labels")
+    b.pop("token_type_ids")
+    b["start_positions"], b["end_positions"] = torch.tensor([1, 2, 3]), torch.tensor([2, 4, 5])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(b)["loss"].backward()
+        optimizer.step()
+    model.eval()
+    model.save_trainable(run)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    restored = load_trained(run)
+    assert not restored.training
+    with torch.no_grad():
+        expected, got = model(b), restored(b)
+    torch.testing.assert_close(got["start_logits"], expected["start_logits"], rtol=0, atol=0)
+    fresh = build_transfer_model(cfg)
+    with torch.no_grad():
+        assert not torch.equal(fresh.eval()(b)["start_logits"], expected["start_logits"])
+    with pytest.raises(DataError, match="lacks config.yaml or trainable.safetensors"):
+        load_trained(tmp_path)
