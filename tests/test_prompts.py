@@ -244,3 +244,31 @@ def test_soft_prompt_init_reads_zero3_partitioned_embedding(tmp_path):
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "gathered (4, 32)" in run.stdout
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_mask_form_transformers_may_pass_gives_the_same_attention(causal):
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, D, P = 2, 4, 2, 6, 8, 3
+    q, k, v = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
+    prefix = {"0": (torch.randn(Hkv, P, D, generator=g, dtype=torch.float64),
+                    torch.randn(Hkv, P, D, generator=g, dtype=torch.float64))}
+    padding = torch.ones(B, T, dtype=torch.bool)
+    padding[1, 4:] = False
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal = 0, causal
+    allowed = padding[:, None, None, :].expand(B, 1, T, T)
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()
+    additive = torch.zeros(B, 1, T, T, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    outs = []
+    with prompts.active_prefixes(prefix):
+        for mask in (padding, allowed, additive):
+            outs.append(prompts.prefix_attention_forward(module, q, k, v, mask)[0])
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(outs[2], outs[0])
+    # and against the hand-concatenated attention of this file
+    with prompts.active_prefixes(prefix):
+        manual, _ = _manual_attention(module, q, k, v, allowed)
+    real = padding[:, :, None].expand(B, T, Hq)
+    torch.testing.assert_close(outs[0][real], manual[real])
