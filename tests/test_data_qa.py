@@ -98,7 +98,7 @@ def gold_logits(feats):
 def test_gold_predictor_scores_100_em_on_every_xquad_language(lang):
     # featurize -> logits at the gold token span -> post-process -> decoded text: EM 100 means the
     # offsets round-trip through windows, virtual-token room and whitespace trimming
-    examples = subset(load_task("xquad", lang).items, 200, seed=0)  # all 1190: the slow test below
+    examples = subset(load_task("xquad", lang).items, 150, seed=0)  # all 1190: the slow test below
     feats = featurize_qa(examples, char_tokenizer(), max_length=384, doc_stride=128, reserved_tokens=16)
     assert max(len(ids) for ids in feats.input_ids) == 384 - 16
     assert len(feats) > len(examples)  # character tokens: contexts need several windows

@@ -147,3 +147,28 @@ def test_eval_errors_are_one_clear_line(tmp_path, capsys):
     # a run folder without trained artifacts names what is missing
     assert main(["eval", "--task", "xquad", "--langs", "en", "--run_dir", str(tmp_path / "empty_run"), "--max_examples", "3"]) == 2
     assert "lacks" in capsys.readouterr().err
+
+
+def test_eval_of_a_trained_run_dir_goes_through_load_trained(tiny_xlmr, tmp_path):
+    from dsxfer.config import load_config
+    from dsxfer.evaluate import transfer_predictor
+    from dsxfer.model import CONFIG_FILE, build_transfer_model
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_xlmr}", "prompts.length=4", "injection.length=2",
+                             "alignment.enabled=false", "model.max_length=128", "model.doc_stride=32", "name=tiny-prompted"])
+    model = build_transfer_model(cfg).eval()
+    with torch.no_grad():  # a "trained" head that differs from any fresh initialisation
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p))
+    run = tmp_path / "run"
+    model.save_trainable(run)
+    (run / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+
+    doc = run_eval("xquad", "en", run_dir=str(run), max_examples=5, output_dir=tmp_path / "out", progress=False)
+    assert doc["method"] == "tiny-prompted" and doc["run_dir"] == str(run)
+    preds = json.loads((tmp_path / "out" / "predictions_en.json").read_text())
+    # the same model evaluated directly, with its 4 virtual tokens reserved out of the 128-token budget
+    examples = subset(load_task("xquad", "en").items, 5, seed=0)
+    direct, _ = evaluate_qa(transfer_predictor(model), model.tokenizer, examples, lang="en", max_length=128,
+                            doc_stride=32, reserved_tokens=4, progress=False)
+    assert preds == direct
