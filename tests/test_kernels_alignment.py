@@ -34,18 +34,19 @@ def _inputs(N, T, H, dtype, pad, seed=0):
     return hidden, mask, teacher
 
 
-def _run(fn, hidden, mask, teacher, loss, dtype):
-    leaf = hidden.detach().to(dtype).requires_grad_()
-    value = fn(leaf, mask, teacher.to(torch.float64 if dtype == torch.float64 else torch.float32), loss, TEMPERATURE)
+def _run(fn, hidden, mask, teacher, loss, dtype, device="cpu"):
+    leaf = hidden.detach().to(device, dtype).requires_grad_()
+    teacher = teacher.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    value = fn(leaf, mask.to(device), teacher, loss, TEMPERATURE)
     (grad,) = torch.autograd.grad(value, leaf)
-    return value.detach().double(), grad.double()
+    return value.detach().double().cpu(), grad.double().cpu()
 
 
-def _check(N, T, H, loss, dtype, pad):
+def _check(N, T, H, loss, dtype, pad, device="cpu"):
     hidden, mask, teacher = _inputs(N, T, H, dtype, pad)
     exact = _run(reference.alignment_loss, hidden, mask, teacher, loss, torch.float64)
     theirs = _run(reference.alignment_loss, hidden, mask, teacher, loss, dtype)
-    ours = _run(triton_alignment_loss, hidden, mask, teacher, loss, dtype)
+    ours = _run(triton_alignment_loss, hidden, mask, teacher, loss, dtype, device)
     for name, e, t, o in zip(("loss", "grad_hidden"), exact, theirs, ours):
         assert o.shape == e.shape and torch.isfinite(o).all(), name
         floor = 1e-6 * max(1.0, e.abs().max().item()) if (name == "loss" or dtype == torch.float32) else 0.0
@@ -86,6 +87,15 @@ def test_unpadded_rows():
 @pytest.mark.parametrize("pad", [False, True])
 def test_exhaustive_grid(pad, H, T, N, dtype, loss):
     _check(N, T, H, loss, dtype, pad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("loss", ["cosine", "mse", "infonce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,T,H", [(7, 13, 401), (300, 33, 1024)])
+def test_compiled_kernels_on_gpu(N, T, H, dtype, loss):
+    _check(N, T, H, loss, dtype, pad=True, device="cuda")
 
 
 def test_teacher_is_a_constant():

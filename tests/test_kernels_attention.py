@@ -21,7 +21,7 @@ from dsxfer.errors import ConfigError  # noqa: E402
 from dsxfer.kernels import _launch, reference  # noqa: E402
 from dsxfer.kernels.prefix_attention import _attn_fwd_kernel, prefix_attention as triton_prefix_attention  # noqa: E402
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 0.0}
+FLOOR = {torch.float32: 1e-5, torch.float16: 0.0, torch.bfloat16: 0.0}
 NAMES = ("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
 
 
@@ -39,18 +39,19 @@ def _inputs(B, Hq, Hkv, T, P, D, dtype, pad, seed=0):
     return [x.to(dtype) for x in (q, k, v, pk, pv)], kpm, grad_out.to(dtype)
 
 
-def _run(fn, tensors, kpm, grad_out, causal, dtype):
-    leaves = [x.detach().to(dtype).requires_grad_() for x in tensors]
+def _run(fn, tensors, kpm, grad_out, causal, dtype, device="cpu"):
+    leaves = [x.detach().to(device, dtype).requires_grad_() for x in tensors]
+    kpm = None if kpm is None else kpm.to(device)
     out = fn(*leaves, key_padding_mask=kpm, causal=causal)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(dtype), allow_unused=True, materialize_grads=True)
-    return [out.detach().double()] + [g.double() for g in grads]
+    grads = torch.autograd.grad(out, leaves, grad_out.to(device, dtype), allow_unused=True, materialize_grads=True)
+    return [out.detach().double().cpu()] + [g.double().cpu() for g in grads]
 
 
-def _check(B, Hq, Hkv, T, P, D, causal, pad, dtype):
+def _check(B, Hq, Hkv, T, P, D, causal, pad, dtype, device="cpu"):
     tensors, kpm, grad_out = _inputs(B, Hq, Hkv, T, P, D, dtype, pad)
     exact = _run(reference.prefix_attention, tensors, kpm, grad_out, causal, torch.float64)
     torch_same_dtype = _run(reference.prefix_attention, tensors, kpm, grad_out, causal, dtype)
-    kernel = _run(triton_prefix_attention, tensors, kpm, grad_out, causal, dtype)
+    kernel = _run(triton_prefix_attention, tensors, kpm, grad_out, causal, dtype, device)
     for name, ref, theirs, ours in zip(NAMES, exact, torch_same_dtype, kernel):
         assert ours.shape == ref.shape, name
         assert torch.isfinite(ours).all(), f"{name}: non-finite values"
@@ -91,6 +92,17 @@ def test_forward_and_gradients_match_fp64_reference(B, Hq, Hkv, T, P, D, causal,
 @pytest.mark.parametrize("heads", [(2, 2), (4, 1)])
 def test_exhaustive_grid(heads, pad, causal, D, T, P, dtype):
     _check(2, heads[0], heads[1], T, P, D, causal, pad, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,T,P,D,causal,pad", [
+    (2, 4, 2, 13, 0, 32, False, True), (1, 4, 1, 128, 16, 64, True, True), (2, 8, 2, 300, 7, 128, True, True),
+    (2, 8, 8, 257, 64, 128, False, True), (1, 4, 4, 1, 1, 64, True, False)])
+def test_compiled_kernels_on_gpu(B, Hq, Hkv, T, P, D, causal, pad, dtype):
+    """The same rule on the GPU, compiled, with bf16 and head dim 128 (out of the interpreter's reach)."""
+    _check(B, Hq, Hkv, T, P, D, causal, pad, dtype, device="cuda")
 
 
 def test_prefix_is_shared_not_repeated():
