@@ -186,6 +186,35 @@ def test_decoder_tokenizers_without_cls_use_position_zero_as_null(bos):
     assert (batch["input_ids"][1][batch["attention_mask"][1] == 0] == tok.eos_token_id).all()
 
 
+@pytest.mark.parametrize("arch", ["xlm-roberta", "bert", "llama", "qwen2"])
+def test_project_tiny_tokenizers_of_every_architecture(arch):
+    # the tokenizers the other tests of the project use: SentencePiece (XLM-R, Llama), WordPiece with
+    # token types (BERT) and byte-level BPE without any special token (Qwen2)
+    from dsxfer.backbone import tiny_tokenizer
+
+    tok = tiny_tokenizer(arch)
+    ex = _long_example()
+    feats = featurize_qa([ex], tok, max_length=80, doc_stride=24, reserved_tokens=6)
+    assert all(len(ids) <= 74 for ids in feats.input_ids)
+    expected_null = 0 if tok.cls_token_id is None else feats.input_ids[0].index(tok.cls_token_id)
+    assert set(feats.null_index) == {expected_null} == {0}
+    holding = [i for i in range(len(feats)) if feats.start_positions[i] != feats.null_index[i]]
+    assert holding
+    for i in holding:
+        offs = feats.offset_mapping[i]
+        assert ex.context[offs[feats.start_positions[i]][0]:offs[feats.end_positions[i]][1]] == "Maastricht"
+    preds = postprocess_qa([ex], feats, *gold_logits(feats))
+    assert preds == {"long": "Maastricht"}
+    batch = feats.batch(list(range(len(feats))), pad_token_id(tok), with_labels=True)
+    if arch == "bert":  # token types: 0 for the question, 1 for the context
+        types = batch["token_type_ids"][holding[0]]
+        offs = feats.offset_mapping[holding[0]]
+        assert all(int(types[j]) == 1 for j, o in enumerate(offs) if o is not None)
+        assert int(types[1]) == 0
+    else:
+        assert "token_type_ids" not in batch
+
+
 def test_long_question_is_cut_and_too_small_budget_is_a_clear_error():
     tok = encoder_tokenizer()
     ex = QAExample("q", "Rome is the capital of Italy.", "why " * 200, ("Rome",), (0,), "en")

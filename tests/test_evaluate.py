@@ -172,3 +172,17 @@ def test_eval_of_a_trained_run_dir_goes_through_load_trained(tiny_xlmr, tmp_path
     direct, _ = evaluate_qa(transfer_predictor(model), model.tokenizer, examples, lang="en", max_length=128,
                             doc_stride=32, reserved_tokens=4, progress=False)
     assert preds == direct
+
+
+def test_mlqa_cross_language_pair_is_scored_in_the_context_language(tiny_xlmr, tmp_path):
+    from dsxfer.metrics import qa_scores
+
+    doc = run_eval("mlqa", "zh-en", model=str(tiny_xlmr), max_examples=10, output_dir=tmp_path, progress=False)
+    (r,) = doc["results"]
+    assert (r["lang"], r["metric"], r["data"]) == ("zh-en", "mlqa", "MLQA dev subset of 10")
+    preds = json.loads((tmp_path / "predictions_zh-en.json").read_text(encoding="utf-8"))
+    gold = {ex.id: ex.answers for ex in load_task("mlqa", "zh-en") if ex.id in preds}
+    # English questions about Chinese contexts: answers are Chinese, so zh mixed segmentation applies
+    expected = qa_scores(gold, preds, "mlqa", "zh")
+    assert expected["f1"] != qa_scores(gold, preds, "squad")["f1"]  # the choice of normalisation shows
+    assert r["f1"] == pytest.approx(expected["f1"], abs=1e-4) and r["exact_match"] == pytest.approx(expected["exact_match"], abs=1e-4)
