@@ -113,21 +113,6 @@ def evaluate_classification(
 # -------------------------------------------------------------------------------- predictors
 
 
-def _base_model(name_or_path: str | None):
-    """The plain backbone: through dsxfer.backbone (the embedded default when None) once available."""
-    try:
-        from dsxfer.backbone import load_backbone
-    except ImportError:
-        load_backbone = None
-    if load_backbone is not None:
-        return load_backbone(name_or_path)
-    if name_or_path is None:
-        raise DsxferError("the embedded default model needs dsxfer.backbone, which this install lacks; pass --model PATH")
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(name_or_path, trust_remote_code=False)
-
-
 def build_hf_model(name_or_path: str | None = None, *, task: str = "qa", num_labels: int = 2, seed: int = 0):
     """An HF AutoModelForQuestionAnswering / AutoModelForSequenceClassification whose backbone weights
     come from name_or_path (None = the embedded default) and whose head is freshly initialised from
@@ -135,21 +120,20 @@ def build_hf_model(name_or_path: str | None = None, *, task: str = "qa", num_lab
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    base = _base_model(name_or_path)
-    if task == "qa" and type(base).__name__.endswith("ForQuestionAnswering"):
-        return base.eval()
+    from dsxfer.backbone import load_backbone
+
+    base = load_backbone(name_or_path)
     config = base.config
-    torch.manual_seed(seed)
-    if task == "qa":
-        model = AutoModelForQuestionAnswering.from_config(config)
-    elif task == "classification":
-        config.num_labels = num_labels
-        model = AutoModelForSequenceClassification.from_config(config)
-    else:
+    if task not in ("qa", "classification"):
         raise DsxferError(f"unknown task kind '{task}': qa or classification")
+    if task == "classification":
+        config.num_labels = num_labels
+    with torch.random.fork_rng(devices=[]):  # seed the head without touching the caller's RNG
+        torch.manual_seed(seed)
+        auto = AutoModelForQuestionAnswering if task == "qa" else AutoModelForSequenceClassification
+        model = auto.from_config(config)
     inner = getattr(model, model.base_model_prefix)
-    source = getattr(base, base.base_model_prefix, base) if hasattr(base, base.base_model_prefix) else base
-    missing, _unexpected = inner.load_state_dict(source.state_dict(), strict=False)
+    missing, _unexpected = inner.load_state_dict(base.state_dict(), strict=False)
     missing = [k for k in missing if "pooler" not in k]  # QA heads of some encoders drop the pooler
     if missing:
         raise DsxferError(f"backbone weights do not fit the {task} model: {len(missing)} missing (e.g. {missing[0]})")
@@ -197,27 +181,18 @@ def load_predictor(task_kind: str, *, model: str | None = None, run_dir: str | N
                    num_labels: int = 2, seed: int = 0) -> Predictor:
     """A trained run (run_dir, through dsxfer.model.load_trained) or a backbone with a fresh head."""
     if run_dir is not None:
-        try:
-            from dsxfer.model import load_trained
-        except ImportError:
-            raise DsxferError("--run_dir needs dsxfer.model.load_trained, which this install lacks; evaluate a backbone with --model") from None
+        from dsxfer.model import load_trained
+
         trained = load_trained(run_dir)
         cfg = trained.cfg
         if cfg.model.task != task_kind:
             raise DsxferError(f"run {run_dir} trained a '{cfg.model.task}' head but this task needs '{task_kind}'")
         return Predictor(transfer_predictor(trained, task_kind), trained.tokenizer, int(trained.num_virtual_tokens),
                          cfg.name, str(cfg.model.name_or_path or "embedded-default"), cfg.model.max_length, cfg.model.doc_stride)
-    hf = build_hf_model(model, task=task_kind, num_labels=num_labels, seed=seed)
-    try:
-        from dsxfer.backbone import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        tokenizer = load_tokenizer(model)
-    else:
-        from transformers import AutoTokenizer
+    from dsxfer.backbone import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model, use_fast=True)
+    hf = build_hf_model(model, task=task_kind, num_labels=num_labels, seed=seed)
+    tokenizer = load_tokenizer(model)
     name = model or "embedded-default"
     return Predictor(hf_predictor(hf, task_kind), tokenizer, 0, f"untrained-head({Path(name).name})", name)
 
