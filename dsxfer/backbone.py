@@ -71,7 +71,10 @@ def _is_embedded_folder(folder: Path) -> bool:
 
 
 def _not_found(name: str, error: Exception) -> DsxferError:
+    import re
+
     reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    reason = re.sub(r"'?https?://\S+", "the model hub", reason)  # keep the line short and host-neutral
     return DsxferError(f"cannot load model '{name}' ({reason}); on a machine without network pass a local model "
                        "folder, or leave model.name_or_path empty for the embedded default")
 

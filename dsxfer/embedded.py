@@ -32,6 +32,11 @@ Known remaining differences: an empty text gives <s> </s> (the C engine adds a l
 "<mask>" written in a text is a special token here; and segmentations whose scores differ only in the
 last bit of a float32 sum (C accumulates in float32, the tokenizers library in float64) may break the
 other way (1 of the ~178k Tatoeba lines).
+
+tokenizer_config.json names the generic fast tokenizer class, so AutoTokenizer loads tokenizer.json as
+written: transformers 5's XLMRobertaTokenizer rebuilds its pipeline from the vocabulary (whitespace split
+and the charsmap alone) and would undo the rules above (41 Tatoeba lines would then differ from the C
+engine instead of 1).
 """
 
 from __future__ import annotations
@@ -238,7 +243,7 @@ def build_config(e5: E5File) -> Any:
     )
 
 
-_LAYER_TENSORS = (  # (name in the .bin, HF module, is a H x H or FFN matrix)
+_LAYER_TENSORS = (  # (name in the .bin, XLMRobertaLayer submodule)
     ("q", "attention.self.query"), ("k", "attention.self.key"), ("v", "attention.self.value"),
     ("ao", "attention.output.dense"), ("fi", "intermediate.dense"), ("fo", "output.dense"),
 )
@@ -481,7 +486,9 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None, *, force: bo
         problem = "rebuild requested (--force)" if force else check_cache(target, source)
         if problem is None:  # another process finished the build while this one waited
             return target
-        if problem != "missing":
+        if problem == "missing":
+            print(f"dsxfer: building the embedded default model into {target} (once, about a minute)", file=log, flush=True)
+        else:
             print(f"dsxfer: embedded model cache {target} is invalid: {problem}; rebuilding it", file=log, flush=True)
         _VERIFIED.pop(str(target), None)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
