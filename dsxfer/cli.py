@@ -36,7 +36,9 @@ class Commands:
 
     Commands:
       config          inspect configurations (show, help)
-      demo            show the embedded default model (parameters, layers, languages, cache folder)
+      demo            few-shot cross-lingual QA demo on the embedded model: with vs without alignment
+      train           train as a config says (DeepSpeed engine; checkpoints, TensorBoard)
+      export          export a trained run as safetensors + PEFT adapter folders
       prepare-model   build or check the embedded default model (or check that --model loads) and print its summary
       eval            evaluate a backbone or a trained run per language; write predictions and scores
       report          aggregate runs into per-language tables (md/csv/json) and PNG charts
@@ -86,11 +88,41 @@ class Commands:
 
         print_summary(embedded_model_path(cache, force=force))
 
-    def demo(self) -> None:
-        """Show the embedded default model (parameters, layers, languages, cache folder)."""
-        from dsxfer.embedded import print_summary
+    def demo(self, *overrides: str, output_dir: str = "runs/demo") -> None:
+        """Few-shot cross-lingual QA on the embedded model: train with and without alignment, compare per language.
 
-        print_summary()
+        English TyDi QA + 8 MLQA shots per target language (de, es, zh), Tatoeba pairs for the alignment
+        loss; evaluated on a fixed XQuAD subset. Prints the F1/EM table and writes report.md, PNG charts
+        and TensorBoard logs under --output_dir. Dotted overrides (train.max_steps=20) change the budget.
+        """
+        from dsxfer.demo import run_demo
+
+        run_demo(output_dir, *overrides)
+
+    def train(self, *overrides: str, config: str | None = None, deepspeed: str | None = None) -> None:
+        """Train as a config says (one process; use launchers/train.py under deepspeed/torchrun/srun for more).
+
+        --config a YAML file (configs/*.yaml), --deepspeed a DeepSpeed JSON (ds_configs/zero*.json),
+        then dotted overrides such as train.lr=1e-3. Writes weights, checkpoints, train.log and
+        TensorBoard logs into train.output_dir.
+        """
+        from dsxfer.config import load_config
+        from dsxfer.train import train
+
+        extra = list(overrides) + ([f"deepspeed.config={deepspeed}"] if deepspeed else [])
+        summary = train(load_config(config, extra))
+        print(f"done: {summary['step']} steps ({summary['stopped']}); outputs in {summary['output_dir']}")
+
+    def export(self, run_dir: str, output_dir: str | None = None) -> None:
+        """Export a trained run: trainable.safetensors + config.yaml and PEFT adapter folders where they map.
+
+        Soft prompt -> PROMPT_TUNING, prefixes -> PREFIX_TUNING (decoders; peft refuses encoders), LoRA -> LORA.
+        Writes into --output_dir (default <run_dir>/export) and prints what it wrote.
+        """
+        from dsxfer.export import export_run
+
+        for line in export_run(run_dir, output_dir):
+            print(line)
 
     def report(self, *run_dirs: str, output_dir: str = "runs/report", plots: bool = True) -> None:
         """Aggregate runs into per-language tables (md/csv/json) and PNG charts.
