@@ -50,14 +50,14 @@ class Commands:
     def eval(self, task: str = "xquad", langs: str = "all", model: str | None = None, run_dir: str | None = None,
              max_examples: int | None = None, output_dir: str = "runs/eval", batch_size: int = 32, seed: int = 0,
              data_dir: str | None = None, max_length: int | None = None, doc_stride: int | None = None,
-             n_best: int = 20, max_answer_length: int = 30) -> None:
+             n_best: int = 20, max_answer_length: int = 30, on_error: str = "raise") -> None:
         """Evaluate a backbone or a trained run per language; write predictions and scores.
 
         --task xquad|mlqa|pawsx; --langs all or a comma list (MLQA also ctx-question pairs such as de-en);
         --model an HF name/folder (default: the embedded model) with a fresh seeded head, or --run_dir a
         trained run; --max_examples a fixed seeded subset per language; --n_best start/end candidates and
-        --max_answer_length (tokens) for decoding. Writes predictions_<lang>.json and scores.json into
-        --output_dir and prints a table.
+        --max_answer_length (tokens) for decoding; --on_error skip leaves bad records out (counted in
+        scores.json). Writes predictions_<lang>.json and scores.json into --output_dir and prints a table.
         """
         from dsxfer.evaluate import format_scores, run_eval
 
@@ -65,7 +65,7 @@ class Commands:
             langs = ",".join(str(x) for x in langs)
         doc = run_eval(task, langs, model=model, run_dir=run_dir, max_examples=max_examples, output_dir=output_dir,
                        batch_size=batch_size, seed=seed, data_dir=data_dir, max_length=max_length, doc_stride=doc_stride,
-                       n_best=n_best, max_answer_length=max_answer_length)
+                       n_best=n_best, max_answer_length=max_answer_length, on_error=on_error)
         print(format_scores(doc))
         print(f"wrote {output_dir}/scores.json and predictions_<lang>.json")
 

@@ -237,9 +237,10 @@ def run_eval(
     task: str = "xquad", langs: str | Sequence[str] = "all", *, model: str | None = None, run_dir: str | None = None,
     max_examples: int | None = None, output_dir: str | Path = "runs/eval", batch_size: int = 32, seed: int = 0,
     data_dir: str | None = None, max_length: int | None = None, doc_stride: int | None = None, n_best: int = 20,
-    max_answer_length: int = 30, progress: bool = True, predictor: Predictor | None = None,
+    max_answer_length: int = 30, progress: bool = True, predictor: Predictor | None = None, on_error: str = "raise",
 ) -> dict[str, Any]:
-    """Evaluate every language of a task; writes predictions_<lang>.json and scores.json into output_dir."""
+    """Evaluate every language of a task; writes predictions_<lang>.json and scores.json into output_dir.
+    With on_error="skip" bad records are left out and scores.json says how many and why."""
     from dsxfer.data.tasks import get_task, load_task, parse_langs
 
     spec = get_task(task)
@@ -249,10 +250,10 @@ def run_eval(
     # read and check every language before loading a model: a bad file or a leak fails in seconds
     data = {}
     for lang in lang_list:
-        all_examples = load_task(task, lang, data_dir=data_dir).items
-        examples = subset(all_examples, max_examples, seed)
+        records = load_task(task, lang, data_dir=data_dir, on_error=on_error)
+        examples = subset(records.items, max_examples, seed)
         check_eval_leakage(run_dir, task, examples)
-        data[lang] = (examples, len(all_examples))
+        data[lang] = (examples, len(records), records.skip_summary())
     if predictor is None:
         predictor = load_predictor(spec.kind, model=model, run_dir=run_dir, num_labels=len(spec.labels) or 2, seed=seed)
     max_length = max_length or predictor.max_length or (384 if spec.kind == "qa" else 128)
@@ -261,7 +262,7 @@ def run_eval(
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     # MLQA "de-en" = German context, English question: answers are German, so the metric uses "de"
-    for lang, (examples, n_total) in data.items():
+    for lang, (examples, n_total, skipped) in data.items():
         if spec.kind == "qa":
             preds, scores = evaluate_qa(
                 predictor.predict, predictor.tokenizer, examples, lang=lang.partition("-")[0], metric=spec.metric,
@@ -274,6 +275,8 @@ def run_eval(
         (out_dir / f"predictions_{lang}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=1), encoding="utf-8")
         results.append({"task": task, "lang": lang, "metric": spec.metric, **{k: round(v, 4) for k, v in scores.items()},
                         "n_examples": len(examples), "data": data_note(task, len(examples), n_total)})
+        if skipped:
+            results[-1]["skipped"] = {"count": sum(skipped.values()), "reasons": skipped}
     doc = {"method": predictor.method, "model": predictor.model_name, "run_dir": str(run_dir) if run_dir else None,
            "seed": seed, "task": task, "results": results}
     (out_dir / "scores.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -287,7 +290,8 @@ def format_scores(doc: dict[str, Any]) -> str:
     header = f"{'lang':<8}" + "".join(f"{n:>12}" for n in names) + f"{'n':>8}  data"
     lines = [f"{doc['task']}  method={doc['method']}  model={doc['model']}", header]
     for r in rows:
-        lines.append(f"{r['lang']:<8}" + "".join(f"{r[n]:>12.2f}" for n in names) + f"{r['n_examples']:>8}  {r['data']}")
+        skipped = f"  ({r['skipped']['count']} bad records skipped)" if "skipped" in r else ""
+        lines.append(f"{r['lang']:<8}" + "".join(f"{r[n]:>12.2f}" for n in names) + f"{r['n_examples']:>8}  {r['data']}{skipped}")
     if len(rows) > 1:
         lines.append(f"{'avg':<8}" + "".join(f"{np.mean([r[n] for r in rows]):>12.2f}" for n in names))
     return "\n".join(lines)

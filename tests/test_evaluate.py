@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaModel, XLMRobertaConfig, XLMRobertaModel
 
 from dsxfer.cli import main
-from dsxfer.data import featurize_qa, load_task, save_shots
+from dsxfer.data import featurize_qa, load_task, save_shots, task_file
 from dsxfer.errors import DataError
 from dsxfer.evaluate import (
     build_hf_model, evaluate_classification, evaluate_qa, hf_predictor, run_eval, subset,
@@ -186,3 +186,21 @@ def test_mlqa_cross_language_pair_is_scored_in_the_context_language(tiny_xlmr, t
     expected = qa_scores(gold, preds, "mlqa", "zh")
     assert expected["f1"] != qa_scores(gold, preds, "squad")["f1"]  # the choice of normalisation shows
     assert r["f1"] == pytest.approx(expected["f1"], abs=1e-4) and r["exact_match"] == pytest.approx(expected["exact_match"], abs=1e-4)
+
+
+def test_eval_on_error_skip_reports_the_bad_records(tiny_xlmr, tmp_path, capsys):
+    # a copy of XQuAD German with one answer moved away from its text
+    data = tmp_path / "data"
+    (data / "xquad").mkdir(parents=True)
+    doc = json.loads(task_file("xquad", "de").read_text(encoding="utf-8"))
+    doc["data"][0]["paragraphs"][0]["qas"][1]["answers"][0]["answer_start"] += 3
+    (data / "xquad" / "xquad.de.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    args = ["eval", "--task", "xquad", "--langs", "de", "--model", str(tiny_xlmr), "--max_examples", "5",
+            "--data_dir", str(data), "--output_dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "xquad.de.json: data[0].paragraphs[0].qas[1] (id " in capsys.readouterr().err
+    assert main([*args, "--on_error", "skip"]) == 0
+    assert "(1 bad records skipped)" in capsys.readouterr().out
+    (r,) = json.loads((tmp_path / "out" / "scores.json").read_text())["results"]
+    assert r["skipped"]["count"] == 1 and "is not in the context at answer_start" in next(iter(r["skipped"]["reasons"]))
+    assert r["data"] == "XQuAD subset of 5"
