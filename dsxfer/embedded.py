@@ -473,6 +473,21 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _build(source: Path, target: Path, progress: bool) -> None:
+    """Convert into a temporary sibling folder, then swap it in: readers never see a half-written folder."""
+    _VERIFIED.pop(str(target), None)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        convert(source, staging, progress=progress)
+        if target.exists():
+            trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def embedded_model_path(cache_dir: str | os.PathLike | None = None, *, force: bool = False,
                         progress: bool = True, log: IO[str] | None = None) -> Path:
     """The valid HF folder of the embedded default model, building it first when it is missing, invalid
@@ -482,28 +497,23 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None, *, force: bo
     target = model_dir(cache_dir, source)
     if not force and check_cache(target, source) is None:
         return target
-    with _lock(target.parent / f".{target.name}.lock"):
-        problem = "rebuild requested (--force)" if force else check_cache(target, source)
-        if problem is None:  # another process finished the build while this one waited
-            return target
-        if problem == "missing":
-            print(f"dsxfer: building the embedded default model into {target} (once, about a minute)", file=log, flush=True)
-        else:
-            print(f"dsxfer: embedded model cache {target} is invalid: {problem}; rebuilding it", file=log, flush=True)
-        _VERIFIED.pop(str(target), None)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            convert(source, staging, progress=progress)
-            if target.exists():
-                trash = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        problem = check_cache(target, source)
-        if problem is not None:
-            raise DsxferError(f"the embedded model rebuilt at {target} is still invalid ({problem}); check free disk space and rerun `dsxfer prepare-model --force`")
+    try:
+        with _lock(target.parent / f".{target.name}.lock"):
+            problem = "rebuild requested (--force)" if force else check_cache(target, source)
+            if problem is None:  # another process finished the build while this one waited
+                return target
+            if problem == "missing":
+                print(f"dsxfer: building the embedded default model into {target} (once, about a minute)", file=log, flush=True)
+            else:
+                print(f"dsxfer: embedded model cache {target} is invalid: {problem}; rebuilding it", file=log, flush=True)
+            _build(source, target, progress)
+    except OSError as e:  # an unwritable or full cache folder is the user's to fix, not a bug
+        raise DsxferError(f"cannot write the embedded model cache under {target.parent} ({e.strerror or e}); "
+                          "set $DSXFER_CACHE (or --cache) to a writable folder with about 1 GB free") from e
+    problem = check_cache(target, source)
+    if problem is not None:
+        raise DsxferError(f"the embedded model rebuilt at {target} is still invalid ({problem}); "
+                          "check free disk space and rerun `dsxfer prepare-model --force`")
     return target
 
 

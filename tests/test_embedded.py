@@ -20,6 +20,7 @@ import torch
 
 from dsxfer import embedded
 from dsxfer.embedded import METASPACE, check_cache, model_dir, read_e5_file, source_path
+from dsxfer.errors import DsxferError
 
 LANGS = ("deu", "fra", "spa", "rus", "cmn", "jpn", "ara", "hin", "vie", "tur", "kor", "ell")
 PER_LANG = 20
@@ -279,3 +280,33 @@ def test_prepare_model_summary(embedded_path, capsys):
     assert len(summary["languages"]) == 93 and {"sw", "th", "hi", "zh"} <= set(summary["languages"])
     assert str(embedded_path) in out and "parameters" in out and "languages" in out
 
+
+
+def test_unwritable_cache_is_one_clear_error(tmp_path, capsys):
+    from dsxfer.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DsxferError, match="cannot write the embedded model cache") as caught:
+        embedded.embedded_model_path(blocker / "cache")
+    assert "\n" not in str(caught.value)
+    capsys.readouterr()
+    assert main(["prepare-model", "--cache", str(blocker / "cache")]) == 2
+    assert capsys.readouterr().err.count("dsxfer: error: cannot write the embedded model cache") == 1
+
+
+@pytest.mark.slow
+def test_parallel_processes_build_the_cache_once(tmp_path):
+    """DeepSpeed ranks call embedded_model_path at the same time: one builds, the others wait and reuse."""
+    import sys
+
+    code = "from dsxfer.embedded import embedded_model_path as p; print(p(progress=False))"
+    env = {**os.environ, "DSXFER_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    paths = {out.strip() for out, _ in results}
+    assert paths == {str(model_dir(tmp_path))}
+    assert sum(err.count("building the embedded default model") for _, err in results) == 1
+    assert check_cache(model_dir(tmp_path), source_path()) is None
