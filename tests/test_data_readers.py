@@ -82,6 +82,13 @@ def test_tatoeba_counts(lang):
     assert pairs[0].src == (DATA / "tatoeba" / f"tatoeba.{lang}-eng.eng").read_text(encoding="utf-8").splitlines()[0].strip()
 
 
+def test_every_tatoeba_language_loads():
+    langs = sorted(p.name.split(".")[1].split("-")[0] for p in (DATA / "tatoeba").glob("tatoeba.*-eng.eng"))
+    sizes = {lang: len(tatoeba_pairs(lang)) for lang in langs}
+    assert len(sizes) == 112
+    assert sum(n == 1000 for n in sizes.values()) == 72 and max(sizes.values()) == 1000 and min(sizes.values()) > 0
+
+
 def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("DSXFER_DATA", str(tmp_path))
     assert resolve_data_dir() == tmp_path
