@@ -112,7 +112,7 @@ def featurize_qa(
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
     cls_id = tokenizer.cls_token_id
     space_masks: dict[int, np.ndarray] = {}  # whitespace mask of the current example's context
-    feats = QAFeatures([], [], [] if "token_type_ids" in tokenizer.model_input_names else None, [], [], [], [])
+    feats = QAFeatures([], [], None, [], [], [], [])
     for lo in range(0, len(examples), chunk_size):
         chunk = examples[lo : lo + chunk_size]
         questions, longest = _truncate_questions([ex.question.lstrip() for ex in chunk], tokenizer, max_question_tokens)
@@ -126,6 +126,8 @@ def featurize_qa(
             questions, [ex.context for ex in chunk], truncation="only_second", max_length=budget,
             stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
         )
+        if lo == 0 and "token_type_ids" in enc:  # BERT-style tokenizers mark question vs context
+            feats.token_type_ids = []
         for f, sample in enumerate(enc["overflow_to_sample_mapping"]):
             ex_index = lo + sample
             ex = examples[ex_index]
