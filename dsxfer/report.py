@@ -3,8 +3,10 @@
 Input: run folders holding a scores.json written by `dsxfer eval` (directly, or one level down, e.g.
 <run>/eval/scores.json). Runs with the same method name (scores.json "method", else the run's
 config.yaml `name`) are seeds of one method and are aggregated: mean, standard deviation (sample,
-n-1; 0 for a single run) and minimum per task, language and metric. The average column is the mean
-over languages of the per-language means.
+n-1; 0 for a single run) and minimum per task, language and metric.
+
+The average column averages each run over its languages first, then aggregates those averages over
+the runs (so its std is the seed-to-seed spread of the average).
 
 Output: report.md, report.csv (long format), report.json, and per task and metric a grouped bar chart
 (x = language, one bar per method, error bars = std) and a method x language heatmap (PNG).
@@ -89,14 +91,16 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, metric, method, lang), values in groups.items():
         out.append({"task": task, "metric": metric, "method": method, "lang": lang,
                     "data": " / ".join(sorted(data_notes[(task, metric)])), **_stats(values)})
-    # the average over languages of the per-language means, per method
-    by_method: dict[tuple, list[dict]] = defaultdict(list)
-    for a in out:
-        by_method[(a["task"], a["metric"], a["method"])].append(a)
-    for (task, metric, method), cells in by_method.items():
-        out.append({"task": task, "metric": metric, "method": method, "lang": "avg", "data": cells[0]["data"],
-                    "mean": sum(c["mean"] for c in cells) / len(cells), "std": float("nan"),
-                    "min": min(c["mean"] for c in cells), "n_runs": min(c["n_runs"] for c in cells)})
+    # the average over languages, per run, then aggregated over the runs of a method like a language
+    per_run: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        per_run[(r["task"], r["metric"], r["method"], r["run"])].append(r["value"])
+    averages: dict[tuple, list[float]] = defaultdict(list)
+    for (task, metric, method, _run), values in per_run.items():
+        averages[(task, metric, method)].append(sum(values) / len(values))
+    for (task, metric, method), values in averages.items():
+        out.append({"task": task, "metric": metric, "method": method, "lang": "avg",
+                    "data": " / ".join(sorted(data_notes[(task, metric)])), **_stats(values)})
     return sorted(out, key=lambda a: (a["task"], a["metric"], a["method"], a["lang"] == "avg", a["lang"]))
 
 
@@ -115,7 +119,7 @@ def _tables(agg: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
 def _cell(a: dict[str, Any] | None) -> str:
     if a is None:
         return "-"
-    if a["lang"] == "avg" or a["n_runs"] == 1:
+    if a["n_runs"] == 1:
         return f"{a['mean']:.1f}"
     return f"{a['mean']:.1f} ± {a['std']:.1f} (min {a['min']:.1f})"
 
@@ -198,8 +202,7 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path, *, plot
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(agg)
-    json_rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in a.items()} for a in agg]
-    doc = {"runs": [str(r) for r in run_dirs], "aggregate": json_rows, "per_run": rows}
+    doc = {"runs": [str(r) for r in run_dirs], "aggregate": agg, "per_run": rows}
     (out / "report.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
     images = _plots(agg, out) if plots else []
     return {"markdown": md, "aggregate": agg, "images": [str(p) for p in images], "output_dir": str(out)}

@@ -47,8 +47,10 @@ def test_aggregation_by_hand(runs, tmp_path):
     assert (de["mean"], de["std"], de["min"], de["n_runs"]) == (60.0, 10.0, 50.0, 3)
     zh = cells[("prompt+align", "f1", "zh")]
     assert zh["mean"] == pytest.approx(41.0) and zh["std"] == pytest.approx(math.sqrt(3)) and zh["min"] == 40.0
-    # average over languages of the per-language means: (60 + 41) / 2
-    assert cells[("prompt+align", "f1", "avg")]["mean"] == pytest.approx(50.5)
+    # the average: per run (50+40)/2=45, (60+40)/2=50, (70+43)/2=56.5 -> mean 50.5, min 45,
+    # std sqrt((5.5^2 + 0.5^2 + 6^2) / 2) = sqrt(33.25)
+    avg = cells[("prompt+align", "f1", "avg")]
+    assert avg["mean"] == pytest.approx(50.5) and avg["min"] == 45.0 and avg["std"] == pytest.approx(math.sqrt(33.25))
     base = cells[("baseline", "exact_match", "de")]
     assert (base["mean"], base["std"], base["n_runs"]) == (10.0, 0.0, 1)
     assert cells[("baseline", "f1", "avg")]["mean"] == pytest.approx(15.0)
@@ -60,7 +62,7 @@ def test_report_files_name_the_data_and_read_back(runs, tmp_path):
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "### xquad: F1 on XQuAD; mean ± std (min) over 3 runs" in md
     assert "| method | de | zh | avg |" in md
-    assert "| prompt+align | 60.0 ± 10.0 (min 50.0) | 41.0 ± 1.7 (min 40.0) | 50.5 |" in md
+    assert "| prompt+align | 60.0 ± 10.0 (min 50.0) | 41.0 ± 1.7 (min 40.0) | 50.5 ± 5.8 (min 45.0) |" in md
     assert "| baseline | 20.0 | 10.0 | 15.0 |" in md
     with open(out / "report.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -68,8 +70,8 @@ def test_report_files_name_the_data_and_read_back(runs, tmp_path):
     assert (float(row["mean"]), float(row["std"]), float(row["min"]), row["data"]) == (60.0, 10.0, 50.0, "XQuAD")
     doc = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert len(doc["per_run"]) == 4 * 2 * 2  # runs x languages x (EM, F1)
-    avg = next(a for a in doc["aggregate"] if a["lang"] == "avg")
-    assert avg["std"] is None  # no std for an average of means: JSON null, not NaN
+    avg = next(a for a in doc["aggregate"] if a["lang"] == "avg" and a["method"] == "prompt+align" and a["metric"] == "f1")
+    assert avg["mean"] == pytest.approx(50.5) and avg["n_runs"] == 3
     # PNG charts: a grouped bar chart per language and a method x language heatmap per task/metric
     names = sorted(p.rsplit("/", 1)[-1] for p in result["images"])
     assert names == ["xquad_exact_match_bars.png", "xquad_exact_match_heatmap.png", "xquad_f1_bars.png", "xquad_f1_heatmap.png"]
