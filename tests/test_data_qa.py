@@ -13,6 +13,7 @@ from dsxfer.data import (
     PairExample, QAExample, TASKS, collate_pairs, featurize_pairs, featurize_qa, load_task, pad_token_id,
     postprocess_qa, resolve_data_dir,
 )
+from dsxfer.data.qa import _pair_template
 from dsxfer.errors import DataError
 from dsxfer.evaluate import subset
 from dsxfer.metrics import qa_scores, squad_exact_match
@@ -213,6 +214,24 @@ def test_project_tiny_tokenizers_of_every_architecture(arch):
         assert int(types[1]) == 0
     else:
         assert "token_type_ids" not in batch
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "bert", "llama", "qwen2", "encoder", "decoder-no-bos"])
+def test_windows_assembled_from_parts_equal_the_tokenizers_pair_call(arch):
+    # the fast path tokenizes each context once; it must give exactly the features of the tokenizer's
+    # own pair call with overflowing windows (ids, token types, offsets, labels, null positions)
+    from dsxfer.backbone import tiny_tokenizer
+
+    tok = {"encoder": encoder_tokenizer, "decoder-no-bos": lambda: decoder_tokenizer(bos=False)}.get(arch, lambda: tiny_tokenizer(arch))()
+    examples = [ex for lang in ("en", "de", "zh") for ex in load_task("xquad", lang).items[:12]]
+    kwargs = dict(max_length=160, doc_stride=40, reserved_tokens=8, max_question_tokens=100)
+    assert _pair_template(tok) is not None  # the fast path is really taken
+    fast = featurize_qa(examples, tok, **kwargs)
+    reference = featurize_qa(examples, tok, use_pair_calls=True, **kwargs)
+    assert len(fast) == len(reference) > len(examples)
+    for field in ("input_ids", "attention_mask", "token_type_ids", "example_index", "example_id", "offset_mapping",
+                  "null_index", "start_positions", "end_positions"):
+        assert getattr(fast, field) == getattr(reference, field), field
 
 
 def test_long_question_is_cut_and_too_small_budget_is_a_clear_error():

@@ -104,10 +104,131 @@ def featurize_qa(
     reserved_tokens: int = 0,
     max_question_tokens: int = 64,
     with_labels: bool = True,
-    chunk_size: int = 1000,
+    use_pair_calls: bool = False,
 ) -> QAFeatures:
-    """Windows of every example (see the module docstring). max_length includes reserved_tokens."""
+    """Windows of every example (see the module docstring). max_length includes reserved_tokens.
+
+    Benchmarks translate one context into many questions (XQuAD: ~5 per paragraph), so each distinct
+    context and each question is tokenized once and the windows are assembled from the tokenizer's
+    own special-token template, read off a probe pair. The result equals the tokenizer's pair call
+    with overflowing windows (tests compare both); use_pair_calls=True, or a tokenizer whose pair
+    layout is not [specials] question [specials] context [specials], takes the pair-call path.
+    """
     _check_fast(tokenizer)
+    template = None if use_pair_calls else _pair_template(tokenizer)
+    if template is None:
+        return _featurize_with_pair_calls(examples, tokenizer, max_length=max_length, doc_stride=doc_stride,
+                                          reserved_tokens=reserved_tokens, max_question_tokens=max_question_tokens,
+                                          with_labels=with_labels)
+    return _featurize_from_parts(examples, tokenizer, template, max_length=max_length, doc_stride=doc_stride,
+                                 reserved_tokens=reserved_tokens, max_question_tokens=max_question_tokens,
+                                 with_labels=with_labels)
+
+
+@dataclass(frozen=True)
+class _PairTemplate:
+    prefix: list[int]
+    middle: list[int]
+    suffix: list[int]
+    types: tuple[list[int], int, list[int], int, list[int]] | None  # prefix, question, middle, context, suffix
+
+
+def _pair_template(tokenizer: Any) -> _PairTemplate | None:
+    """The special tokens before, between and after (question, context), or None when the tokenizer's
+    pair encoding is not that simple layout or is not the concatenation of the separate encodings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    first, second = "What is it?", "It is a probe."
+    enc = tokenizer(first, second)
+    ids, seq = enc["input_ids"], enc.sequence_ids(0)
+    q_pos = [i for i, s in enumerate(seq) if s == 0]
+    c_pos = [i for i, s in enumerate(seq) if s == 1]
+    if not q_pos or not c_pos or q_pos != list(range(q_pos[0], q_pos[-1] + 1)) or c_pos != list(range(c_pos[0], c_pos[-1] + 1)):
+        return None
+    if q_pos[-1] >= c_pos[0] or any(s is not None for i, s in enumerate(seq) if i not in q_pos and i not in c_pos):
+        return None
+    q_ids = backend.encode(first, add_special_tokens=False).ids
+    c_ids = backend.encode(second, add_special_tokens=False).ids
+    if [ids[i] for i in q_pos] != q_ids or [ids[i] for i in c_pos] != c_ids:
+        return None
+    qa, qb, ca, cb = q_pos[0], q_pos[-1] + 1, c_pos[0], c_pos[-1] + 1
+    types = None
+    if "token_type_ids" in enc:
+        t = enc["token_type_ids"]
+        if len(set(t[qa:qb])) != 1 or len(set(t[ca:cb])) != 1:
+            return None
+        types = (t[:qa], t[qa], t[qb:ca], t[ca], t[cb:])
+    return _PairTemplate(ids[:qa], ids[qb:ca], ids[cb:], types)
+
+
+def _featurize_from_parts(
+    examples: Sequence[QAExample], tokenizer: Any, template: _PairTemplate, *, max_length: int, doc_stride: int,
+    reserved_tokens: int, max_question_tokens: int, with_labels: bool,
+) -> QAFeatures:
+    budget = max_length - reserved_tokens
+    backend = tokenizer.backend_tokenizer
+    n_special = len(template.prefix) + len(template.middle) + len(template.suffix)
+    cls_id = tokenizer.cls_token_id
+    contexts = list(dict.fromkeys(ex.context for ex in examples))
+    context_index = {c: i for i, c in enumerate(contexts)}
+    context_encs = backend.encode_batch(contexts, add_special_tokens=False)
+    context_ids = [e.ids for e in context_encs]
+    context_spans = [_trimmed_spans(c, e.offsets) for c, e in zip(contexts, context_encs)]
+    question_ids = [e.ids[:max_question_tokens] for e in
+                    backend.encode_batch([ex.question.lstrip() for ex in examples], add_special_tokens=False)]
+    longest = max((len(q) for q in question_ids), default=0)
+    if budget - longest - n_special <= doc_stride:
+        raise DataError(_budget_message(max_length, reserved_tokens, budget, longest, max_question_tokens, n_special, doc_stride))
+
+    feats = QAFeatures([], [], [] if template.types is not None else None, [], [], [], [])
+    for ex_index, (ex, q_ids) in enumerate(zip(examples, question_ids)):
+        c = context_index[ex.context]
+        c_ids, c_spans = context_ids[c], context_spans[c]
+        head = template.prefix + q_ids + template.middle
+        window = budget - len(head) - len(template.suffix)
+        start = 0
+        while True:  # windows of `window` context tokens, each starting doc_stride tokens before the last ended
+            stop = min(start + window, len(c_ids))
+            ids = head + c_ids[start:stop] + template.suffix
+            offsets = [None] * len(head) + c_spans[start:stop] + [None] * len(template.suffix)
+            null = ids.index(cls_id) if cls_id is not None and cls_id in ids else 0
+            feats.input_ids.append(ids)
+            feats.attention_mask.append([1] * len(ids))
+            if template.types is not None:
+                pre, q_type, mid, c_type, suf = template.types
+                feats.token_type_ids.append(pre + [q_type] * len(q_ids) + mid + [c_type] * (stop - start) + suf)
+            feats.example_index.append(ex_index)
+            feats.example_id.append(ex.id)
+            feats.offset_mapping.append(offsets)
+            feats.null_index.append(null)
+            if with_labels:
+                s, e = _label_window(ex, offsets, null)
+                feats.start_positions.append(s)
+                feats.end_positions.append(e)
+            if stop >= len(c_ids):
+                break
+            start = stop - doc_stride
+    return feats
+
+
+def _trimmed_spans(context: str, offsets: list) -> list[tuple[int, int]]:
+    """Character spans of context tokens without surrounding whitespace (see _context_offsets)."""
+    trimmed = _context_offsets(context, offsets, [1] * len(offsets), _whitespace_mask(context))
+    return trimmed  # type: ignore[return-value]  # every position is a context token here
+
+
+def _budget_message(max_length, reserved_tokens, budget, longest, max_question_tokens, n_special, doc_stride) -> str:
+    return (f"QA windows do not fit: max_length={max_length} - reserved_tokens={reserved_tokens} leaves {budget} tokens, "
+            f"which must exceed the longest question ({longest} tokens, at most max_question_tokens={max_question_tokens}) "
+            f"+ specials ({n_special}) + doc_stride ({doc_stride}); raise model.max_length or lower model.doc_stride / prompts.length")
+
+
+def _featurize_with_pair_calls(
+    examples: Sequence[QAExample], tokenizer: Any, *, max_length: int, doc_stride: int, reserved_tokens: int,
+    max_question_tokens: int, with_labels: bool, chunk_size: int = 1000,
+) -> QAFeatures:
+    """The tokenizer's own pair call with overflowing windows (the reference for the fast path)."""
     budget = max_length - reserved_tokens
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
     cls_id = tokenizer.cls_token_id
@@ -117,11 +238,7 @@ def featurize_qa(
         chunk = examples[lo : lo + chunk_size]
         questions, longest = _truncate_questions([ex.question.lstrip() for ex in chunk], tokenizer, max_question_tokens)
         if budget - longest - n_special <= doc_stride:
-            raise DataError(
-                f"QA windows do not fit: max_length={max_length} - reserved_tokens={reserved_tokens} leaves {budget} tokens, "
-                f"which must exceed the longest question ({longest} tokens, at most max_question_tokens={max_question_tokens}) "
-                f"+ specials ({n_special}) + doc_stride ({doc_stride}); raise model.max_length or lower model.doc_stride / prompts.length"
-            )
+            raise DataError(_budget_message(max_length, reserved_tokens, budget, longest, max_question_tokens, n_special, doc_stride))
         enc = tokenizer(
             questions, [ex.context for ex in chunk], truncation="only_second", max_length=budget,
             stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
