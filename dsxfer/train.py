@@ -450,6 +450,19 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
 
     # --- k target-language shots, never drawn from rows of an evaluation set
     evals = _eval_examples(cfg)
+    # A task that is both trained on and evaluated (PAWS-X dev) is split by row id, the same rows held
+    # out in every language: training keeps one half, the evaluation test rows are the other half.
+    held_out: set[str] = set()
+    if any(key.split("/")[0] in (d.train_task, d.shot_task) for key in evals):
+        from dsxfer.data.tasks import split_rows
+
+        shared = sorted({ex.id for key, exs in evals.items() if key.split("/")[0] in (d.train_task, d.shot_task) for ex in exs})
+        _, test_ids = split_rows(shared, test_fraction=0.5, seed=cfg.train.seed)
+        held_out = set(test_ids)
+        evals = {key: [ex for ex in exs if ex.id in held_out] if key.split("/")[0] in (d.train_task, d.shot_task) else exs
+                 for key, exs in evals.items()}
+        pool = [ex for ex in pool if ex.id not in held_out]
+        dev = [ex for ex in dev if ex.id not in held_out]
     shots: dict[str, list] = {}
     if d.k_shot > 0:
         for lang in d.target_langs:
@@ -530,7 +543,7 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
                                                 batch_size=cfg.eval.batch_size, progress=False)
             return scores
 
-    used = {"source_examples": len(pool), "source_dev_examples": len(dev), "shots": shots,
+    used = {"source_examples": len(pool), "source_dev_examples": len(dev), "shots": shots, "test_rows": sorted(held_out),
             "task_features": task.n, "parallel_pairs": n_pairs, "source_dev_ids": [ex.id for ex in dev]}
     log(f"data: {len(pool)} {d.train_task} {d.source_lang} training examples + "
         f"{sum(len(v) for v in shots.values())} target shots ({d.k_shot} per language from {d.shot_task}: "
@@ -558,6 +571,8 @@ def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_shots(out_dir / "shots.json", used["shots"], task=cfg.data.shot_task, k=cfg.data.k_shot, seed=cfg.train.seed)
         (out_dir / "source_dev_ids.json").write_text(json.dumps(used["source_dev_ids"]))
+        if used["test_rows"]:  # rows the run never trained on: evaluate on these only
+            (out_dir / "test_rows.json").write_text(json.dumps(used["test_rows"]))
     summary = run_training(cfg, model, data, quiet=quiet)
-    summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids")}, rank=info["rank"])
+    summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids", "test_rows")}, rank=info["rank"])
     return summary
