@@ -11,10 +11,10 @@ gives the backbone hidden states dsxfer computes (the PEFT model's outputs inclu
 first; dsxfer's head reads only the real ones). What does not map is skipped with the reason:
 - PREFIX_TUNING on encoders (XLM-R, BERT): peft with transformers 5 refuses models without a key/value
   cache ("Model does not support past key values"); keep dsxfer's own files for those.
-- PREFIX_TUNING needs a prefix in every layer (peft has no per-layer choice) and puts real tokens after
-  the prefix in position (RoPE models count the prefix as P cached positions). dsxfer keeps real
-  positions starting at 0, so for RoPE decoders the export is exact only in the absence of rotary
-  shifts: it is checked, and reported when outputs differ.
+- PREFIX_TUNING needs a prefix in every layer (peft has no per-layer choice). PEFT counts the prefix
+  as P cached positions, so real tokens sit at positions P, P+1, ...; dsxfer keeps them at 0, 1, ...
+  For RoPE decoders the exported keys are rotated by +P to compensate (exact for standard rotary
+  embeddings; models with partial or scaled-by-position rotary schemes are not covered).
 - A run that combines several parts (prompt + prefixes + LoRA) exports each part; only the
   combination of all of them equals dsxfer, and PEFT cannot stack prompt and prefix tuning.
 """
@@ -83,6 +83,7 @@ def prefix_tuning_adapter(model, folder: Path) -> Path:
         rows = []
         for layer in range(bb.num_hidden_layers):
             k, v = prefixes[str(layer)]
+            k = _shift_rotary(model.backbone, k, inj.length)
             for t in (k, v):
                 rows.append(t.detach().float().cpu().permute(1, 0, 2).reshape(inj.length, -1))  # (P, Hkv * D)
         table = torch.cat(rows, dim=1)
@@ -90,6 +91,25 @@ def prefix_tuning_adapter(model, folder: Path) -> Path:
                                 num_attention_heads=bb.num_attention_heads, num_layers=bb.num_hidden_layers,
                                 prefix_projection=False, base_model_name_or_path=model.cfg.model.name_or_path)
     return _write_adapter(folder, config, {"prompt_embeddings": table})
+
+
+def _shift_rotary(backbone, keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """Rotate prefix keys by `shift` positions of the backbone's rotary embedding (no-op without one).
+
+    PEFT's prefix is a key/value cache of P positions, so real tokens sit at positions P, P+1, ... and
+    their queries are rotated P positions further than in dsxfer (which keeps real positions from 0 and
+    never rotates prefix keys). (R(p + P) q) . k' = (R(p) q) . k holds for k' = R(P) k: rotating the prefix
+    keys by +P gives PEFT exactly dsxfer's scores; real-to-real scores only see relative positions.
+    """
+    rotary = getattr(backbone, "rotary_emb", None)
+    if rotary is None or shift == 0:
+        return keys
+    x = keys.float().unsqueeze(0)  # (1, Hkv, P, D)
+    cos, sin = rotary(x, torch.full((1, 1), shift, dtype=torch.long))  # (1, 1, D) each
+    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated_half * sin).squeeze(0)
 
 
 def export_model(model, run_dir: Path | None, out: Path, config_yaml: str) -> list[str]:

@@ -118,3 +118,22 @@ def test_zero3_export_holds_trained_values_and_encoder_prefix_is_refused(tmp_pat
     ckpt_file = sorted((run / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"
     saved = load_file(str(ckpt_file))
     assert all(torch.equal(saved[k], exported[k]) for k in exported)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prefix_tuning_export_matches_dsxfer_on_a_decoder(tmp_path, arch):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    run, folder, ids, mask = _train(tmp_path, arch, "prefix", prompts={"length": 0},
+                                    injection={"length": 3, "layers": "all", "reparam": True, "reparam_hidden": 8})
+    mask = torch.ones_like(mask)  # decoders: right padding does not change earlier positions; compare full rows
+    lines = export_run(run)
+    assert any("PEFT PREFIX_TUNING" in line and "wrote" in line for line in lines), lines
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(folder)), str(run / "export" / "peft_prefix_tuning")).eval()
+    with torch.no_grad():  # peft puts real tokens at positions P.. (the export compensates, see dsxfer.export)
+        theirs = peft_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = AutoModel.from_pretrained(str(folder)).eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+    ours, _ = _dsxfer_hidden(run, ids, mask)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert (theirs - plain).abs().max() > 1e-4
