@@ -28,12 +28,12 @@ DEMO_SETTINGS = [
     "injection.reparam=true", "injection.reparam_hidden=64", "freezing.strategy=frozen",
     "alignment.loss=cosine", "alignment.layers=[-1]", "alignment.weight=1.0", "alignment.batch_size=8",
     "alignment.every=2", "alignment.max_length=32", "alignment.max_pairs=200",
-    "data.train_task=tydiqa", "data.source_lang=en", "data.max_train_examples=240", "data.dev_examples=40",
+    "data.train_task=tydiqa", "data.source_lang=en", "data.max_train_examples=240", "data.dev_examples=30",
     "data.shot_task=mlqa", "data.k_shot=8",
-    "train.max_steps=45", "train.lr=5e-3", "train.warmup_steps=5", "train.scheduler=linear",
+    "train.max_steps=40", "train.lr=5e-3", "train.warmup_steps=5", "train.scheduler=linear",
     "train.micro_batch_size=8", "train.grad_accum=1", "train.log_every=5", "train.eval_every=0",
     "train.save_every=0", "train.keep_last=1", "train.seed=13",
-    "eval.tasks=[xquad]", "eval.max_examples=80", "eval.batch_size=32",
+    "eval.tasks=[xquad]", "eval.max_examples=60", "eval.batch_size=32",
 ]
 
 

@@ -97,3 +97,18 @@ def test_early_stopping_uses_the_dev_callable(tmp_path):
     assert summary["best_dev"] == 50.0 and summary["best_step"] == 2
     assert (tmp_path / "trainable.safetensors").is_file()
     assert calls == [False, False, False]  # evaluated in eval mode
+
+
+def test_demo_yaml_is_the_demo_method_run(tmp_path):
+    """configs/demo.yaml documents what `dsxfer demo` trains: the two must not drift apart."""
+    from pathlib import Path
+
+    from dsxfer.config import load_config
+    from dsxfer.demo import _overrides
+
+    root = Path(__file__).resolve().parents[1]
+    from_yaml = load_config(root / "configs" / "demo.yaml").to_dict()
+    from_demo = load_config(None, _overrides(tmp_path, "method", True, [])).to_dict()
+    from_yaml["train"].pop("output_dir")
+    from_demo["train"].pop("output_dir")
+    assert from_yaml == from_demo
