@@ -216,3 +216,34 @@ def read_translate_train(paths: Sequence[str | Path], kind: str, *, on_error: st
                             f"{'SQuAD .json or .jsonl' if kind == 'qa' else 'PAWS-X .tsv or .jsonl'} files")
         out.extend(replace(r, id=f"{p.name}:{r.id}") for r in recs)
     return out
+
+
+# ------------------------------------------------------------------------------- entry point
+
+
+def pseudo_training_data(cfg, source_examples: Sequence[Any], *, backbone=None, tokenizer=None,
+                         pairs: Iterable[Any] | None = None) -> list[Any]:
+    """Every extra training example the config asks for (data.* fields), to append to the source data.
+
+    Code-switched copies when data.codeswitch_prob > 0, with the lexicon from data.lexicon or, when
+    data.induce_lexicon is set, induced from `pairs` with `backbone`/`tokenizer`; then the examples of the
+    data.translate_train files. Returns [] when the config asks for none.
+    """
+    d = cfg.data
+    extra: list[Any] = []
+    if d.codeswitch_prob > 0:
+        if d.lexicon:
+            lexicon = read_lexicon(d.lexicon)
+        elif d.induce_lexicon:
+            if backbone is None or tokenizer is None or pairs is None:
+                raise DataError("data.induce_lexicon needs the backbone, its tokenizer and the parallel pairs")
+            lexicon = induce_lexicon(pairs, backbone, tokenizer)
+            if not lexicon:
+                raise DataError("the lexicon induced from the parallel pairs is empty: give more pairs (alignment.max_pairs) or data.lexicon")
+        else:
+            raise DataError("data.codeswitch_prob > 0 needs a lexicon: set data.lexicon to a TSV file or data.induce_lexicon=true")
+        extra += codeswitch_examples(source_examples, lexicon, prob=d.codeswitch_prob, copies=d.codeswitch_copies,
+                                     seed=cfg.train.seed)
+    if d.translate_train:
+        extra += read_translate_train(d.translate_train, cfg.model.task, on_error=d.on_error)
+    return extra

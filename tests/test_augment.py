@@ -129,7 +129,7 @@ def test_lexicon_induced_from_tatoeba_en_de_with_embedded_model():
 
     torch.set_num_threads(2)
     pairs = list(tatoeba_pairs("deu"))
-    backbone, tokenizer = load_backbone(None), load_tokenizer(None)
+    backbone, tokenizer = load_backbone(None, task="qa"), load_tokenizer(None)
     lexicon = augment.induce_lexicon(pairs, backbone, tokenizer, layer=8, min_count=2, batch_size=64)
     hits = {w: lexicon.get(w) for w in ACCEPTED}
     correct = sum(hits[w] in ACCEPTED[w] for w in ACCEPTED)
@@ -137,3 +137,17 @@ def test_lexicon_induced_from_tatoeba_en_de_with_embedded_model():
     print(f"\nlexicon size {len(lexicon)}; precision@1 on {len(ACCEPTED)} hand-checked words: {precision:.3f}")
     print({w: t for w, t in hits.items() if t not in ACCEPTED[w]})
     assert precision >= 0.6
+
+
+def test_pseudo_training_data_follows_the_config(tmp_path):
+    from dsxfer.config import load_config
+
+    lex = tmp_path / "lex.tsv"
+    lex.write_text("city\tStadt\n", encoding="utf-8")
+    ex = QAExample("q1", "The city is big.", "Which city?", ("big",), (12,))
+    cfg = load_config(None, [f"data.lexicon={lex}", "data.codeswitch_prob=1.0", "data.codeswitch_copies=2"])
+    out = augment.pseudo_training_data(cfg, [ex])
+    assert [(e.id, e.context) for e in out] == [("q1#cs0", "The Stadt is big."), ("q1#cs1", "The Stadt is big.")]
+    assert augment.pseudo_training_data(load_config(None, []), [ex]) == []
+    with pytest.raises(DataError, match="needs a lexicon: set data.lexicon"):
+        augment.pseudo_training_data(load_config(None, ["data.codeswitch_prob=0.5"]), [ex])
