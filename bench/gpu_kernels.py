@@ -9,7 +9,9 @@ What runs (forward + backward each, timed as one step, median of triton.testing.
   prefix attn     B=8, T=2048, P=64, 32 heads x 128, bf16, causal (prefix always visible):
                   eager reference | torch.compile(reference) | concat K/V + SDPA (lower-right causal bias,
                   so the FlashAttention backend can take it; the backend SDPA actually ran is read from
-                  the profiler) | concat + FlexAttention (compiled) | dsxfer Triton
+                  the profiler) | concat + FlexAttention (compiled) | dsxfer Triton (default exact
+                  backward: P and dS as hi + lo 16-bit parts) | dsxfer Triton, fast backward
+                  (DSXFER_ATTENTION_BACKWARD=fast: P and dS rounded once, as FlashAttention does)
 Columns: median ms, speed-up vs eager and vs the named baseline, achieved TFLOP/s (attention: 3.5x the
 forward matmul FLOPs, the usual fwd+bwd count; InfoNCE: the three N x N x H products) or GB/s
 (alignment: the bytes that must move: read hidden once, write grad_hidden once) against the card's
@@ -101,10 +103,21 @@ def sdpa_backend_used(step) -> str:
     return "math"
 
 
-def fwd_bwd(fn, inputs, grad_out=None, forward_only=False):
-    """A step: forward, backward into `inputs`; returns the detached output."""
+def fwd_bwd(fn, inputs, grad_out=None, forward_only=False, env=None):
+    """A step: forward, backward into `inputs` (with `env` set around both); returns the output."""
 
     def step():
+        if env:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                return plain()
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        return plain()
+
+    def plain():
         if forward_only:
             with torch.no_grad():
                 return fn()
@@ -200,12 +213,14 @@ def attention_rows(b: Bench, compile_backend):
         # FlexAttention has no CPU backward: the smoke run checks its forward only.
         impls.append(("concat + FlexAttention" + (" (forward only)" if b.smoke else ""), flex_step))
     impls.append(("dsxfer Triton", lambda: triton_attention(q, k, v, pk, pv, causal=True)))
+    impls.append(("dsxfer Triton, fast backward", lambda: triton_attention(q, k, v, pk, pv, causal=True)))
 
     fwd_flops = 4 * B * Hh * D * (T * P + T * (T + 1) / 2)
     flops = 3.5 * fwd_flops
     rows, eager_out = [], None
     for name, fn in impls:
-        step = fwd_bwd(fn, leaves, grad_out, forward_only=name.endswith("(forward only)"))
+        env = {"DSXFER_ATTENTION_BACKWARD": "fast"} if name.endswith("fast backward") else None
+        step = fwd_bwd(fn, leaves, grad_out, forward_only=name.endswith("(forward only)"), env=env)
         out = step().detach().float()
         eager_out = out if eager_out is None else eager_out
         ms = b.time_ms(step)

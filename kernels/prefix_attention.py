@@ -19,14 +19,20 @@ What is fused, and what that saves:
 - A query row that sees no key at all (P = 0 and every key padded) gives zeros, as the reference
   does: its LSE is stored as +inf, so every recomputed probability of that row is exactly 0.
 
-Precision: float16/bfloat16 operands go to tensor cores with float32 accumulation (probabilities and
-dS are rounded to the input dtype before their matmuls, as FlashAttention does); float32 operands
-use input_precision "tf32x3" (float32 accuracy). Softmax statistics are always float32.
+Precision: float16/bfloat16 operands go to tensor cores with float32 accumulation; float32 operands
+use input_precision "tf32x3" (float32 accuracy). Softmax statistics are always float32. For 16-bit
+inputs the default backward ("exact") keeps float32 accuracy where FlashAttention rounds: P and dS
+enter their matmuls as hi + lo 16-bit parts (three extra tensor-core products per block), and the
+forward also stores O's rounding residual (one more O-sized 16-bit tensor saved for backward) so that
+delta = rowsum(dO * O) uses O to float32 accuracy. Rounding once instead (DSXFER_ATTENTION_BACKWARD=fast)
+gives gradients 2-4x further from float64 than PyTorch's float32-internal reference, which is outside
+the repository's tolerance rule; it exists for speed comparisons.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -68,14 +74,19 @@ INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 DELTA_BLOCK_M = 64
 
 
-def _attn_fwd_kernel(Q, K, V, PK, PV, KPM, O, LSE,
+def _attn_fwd_kernel(Q, K, V, PK, PV, KPM, O, O_LO, LSE,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_pkh, stride_pkp, stride_pvh, stride_pvp,
                      stride_ob, stride_oh, stride_ot, stride_mb,
                      Hq, T, P, GROUP, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
-    """One (query block, batch x query head): O = softmax([q pk^T ; q k^T] * scale) [pv ; v]."""
+                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+                     STORE_LO: tl.constexpr):
+    """One (query block, batch x query head): O = softmax([q pk^T ; q k^T] * scale) [pv ; v].
+
+    STORE_LO: also store O's rounding residual (O_LO = fp32 O - O, in O's dtype), so that backward's
+    delta = rowsum(dO * O) sees O to float32 accuracy (same strides as O).
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -141,24 +152,31 @@ def _attn_fwd_kernel(Q, K, V, PK, PV, KPM, O, LSE,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    out_hi = out.to(O.dtype.element_ty)
+    tl.store(O + o_offs, out_hi, mask=m_ok[:, None] & d_ok[None, :])
+    if STORE_LO:
+        tl.store(O_LO + o_offs, (out - out_hi.to(tl.float32)).to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
 
 
-def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt, Hq, T,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = sum_d dO * O (float32), the softmax-backward row term."""
+def _attn_bwd_delta_kernel(O, O_LO, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt, Hq,
+                           T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HAS_LO: tl.constexpr):
+    """delta[b, h, i] = sum_d dO * O (float32), the softmax-backward row term; O_LO adds O's residual."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=ok, other=0.0)
+    o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o = tl.load(O + o_offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_LO:
+        o += tl.load(O_LO + o_offs, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], mask=ok,
                  other=0.0)
-    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1),
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do.to(tl.float32), axis=1),
              mask=offs_m < T)
 
 
@@ -169,7 +187,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                           Hq, Hkv, T, NKEYS, GROUP, qk_scale, sm_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, IS_PREFIX: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, SPLIT: tl.constexpr):
     """One (key block, batch x kv head): dV = sum P^T dO, dK = scale sum dS^T Q over the GQA group's queries.
 
     IS_PREFIX: the keys are prefix keys (K, V point at the (Hkv, P, D) prefix, stride_kb = 0): always
@@ -215,10 +233,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                 if not IS_PREFIX:
                     visible = visible & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(visible, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+            if SPLIT:
+                # float32 P and dS as a sum of two 16-bit parts: two tensor-core products, float32 accuracy.
+                p_hi = p_t.to(do.dtype)
+                dv = tl.dot(p_hi, do, dv)
+                dv = tl.dot((p_t - p_hi.to(tl.float32)).to(do.dtype), do, dv)
+                ds_hi = ds_t.to(q.dtype)
+                dk = tl.dot(ds_hi, q, dk)
+                dk = tl.dot((ds_t - ds_hi.to(tl.float32)).to(q.dtype), q, dk)
+            else:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
@@ -232,7 +259,8 @@ def _attn_bwd_dq_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, KPM, DQ,
                         stride_db, stride_dh, stride_dt, stride_dqb, stride_dqh, stride_dqt, stride_mb,
                         Hq, T, P, GROUP, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+                        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+                        SPLIT: tl.constexpr):
     """One (query block, batch x query head): dQ = scale sum_j dS_ij k_j over prefix and sequence keys."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -264,7 +292,12 @@ def _attn_bwd_dq_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, KPM, DQ,
         p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        if SPLIT:
+            ds_hi = ds.to(k.dtype)
+            dq = tl.dot(ds_hi, k, dq)
+            dq = tl.dot((ds - ds_hi.to(tl.float32)).to(k.dtype), k, dq)
+        else:
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
     hi = T
     if CAUSAL:
@@ -285,7 +318,12 @@ def _attn_bwd_dq_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, KPM, DQ,
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        if SPLIT:
+            ds_hi = ds.to(k.dtype)
+            dq = tl.dot(ds_hi, k, dq)
+            dq = tl.dot((ds - ds_hi.to(tl.float32)).to(k.dtype), k, dq)
+        else:
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -303,6 +341,23 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def split_backward(dtype: torch.dtype) -> bool:
+    """16-bit backward feeds P and dS to the tensor cores as hi + lo 16-bit parts (float32 accuracy).
+
+    Rounding them to 16 bits once (FlashAttention's choice, DSXFER_ATTENTION_BACKWARD=fast) costs
+    three fewer matmuls per block but gives gradients about 2-4x further from the float64 result than
+    PyTorch's float32-internal reference, which breaks the repository's tolerance rule.
+    """
+    if dtype == torch.float32:
+        return False
+    mode = os.environ.get("DSXFER_ATTENTION_BACKWARD", "exact").strip().lower()
+    if mode not in ("exact", "fast"):
+        from dsxfer.errors import ConfigError
+
+        raise ConfigError(f"environment variable DSXFER_ATTENTION_BACKWARD={mode!r} is invalid: expected exact or fast")
+    return mode == "exact"
+
+
 def _inner(x: torch.Tensor) -> torch.Tensor:
     """Kernels address the head dimension with stride 1."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -317,42 +372,46 @@ def _kpm_or_dummy(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tor
 @torch.library.custom_op("dsxfer::prefix_attention_fwd", mutates_args=())
 def prefix_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                              prefix_v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out (B, Hq, T, D) in q's dtype, lse (B, Hq, T) float32 in base 2; +inf for rows that see no key)."""
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out (B, Hq, T, D) in q's dtype, lse (B, Hq, T) float32 in base 2, +inf for rows that see no key,
+    out_lo: out's rounding residual for an exact backward, or an empty tensor)."""
     B, Hq, T, D = q.shape
     Hkv, P = k.shape[1], prefix_k.shape[1]
     dev = q.device
     q, k, v, prefix_k, prefix_v = (_inner(x) for x in (q, k, v, prefix_k, prefix_v))
     kpm = _kpm_or_dummy(key_padding_mask, q)
     out = torch.empty_like(q)
+    store_lo = split_backward(q.dtype)
+    out_lo = torch.empty_like(q) if store_lo else q.new_empty(0)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=dev)
     common = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal,
-                  HAS_KPM=key_padding_mask is not None, PRECISION=_precision(q.dtype, dev))
+                  HAS_KPM=key_padding_mask is not None, PRECISION=_precision(q.dtype, dev), STORE_LO=store_lo)
 
     def run(cfg):
         grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
         _launch.kernel(_attn_fwd_kernel, dev)[grid](
-            q, k, v, prefix_k, prefix_v, kpm, out, lse,
+            q, k, v, prefix_k, prefix_v, kpm, out, out_lo, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), prefix_k.stride(0), prefix_k.stride(1),
             prefix_v.stride(0), prefix_v.stride(1), out.stride(0), out.stride(1), out.stride(2), kpm.stride(0),
             Hq, T, P, Hq // Hkv, scale * LOG2E, **common, **_launch.blocks(cfg), **_launch.launch_options(cfg))
 
-    key = (T, P, D, q.dtype, causal)
+    key = (T, P, D, q.dtype, causal, store_lo)
     run(_launch.pick_config("prefix_attention_fwd", key, FWD_CONFIGS[q.element_size()], dev, run, INTERPRETER_BLOCKS))
-    return out, lse
+    return out, lse, out_lo
 
 
 @prefix_attention_forward.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     B, Hq, T, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, T), dtype=torch.float32)
+    out_lo = torch.empty_like(q) if split_backward(q.dtype) else q.new_empty(0)
+    return torch.empty_like(q), q.new_empty((B, Hq, T), dtype=torch.float32), out_lo
 
 
 @torch.library.custom_op("dsxfer::prefix_attention_bwd", mutates_args=())
 def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               prefix_k: torch.Tensor, prefix_v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                              out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                              out: torch.Tensor, out_lo: torch.Tensor, lse: torch.Tensor, causal: bool,
                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                      torch.Tensor]:
     """-> (dq, dk, dv, dprefix_k, dprefix_v); prefix gradients are summed over the batch."""
@@ -365,15 +424,18 @@ def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     block_d = max(16, triton.next_power_of_2(D))
     precision = _precision(q.dtype, dev)
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
-                  PRECISION=precision)
+                  PRECISION=precision, SPLIT=split_backward(q.dtype))
     qk_scale = scale * LOG2E
 
     delta = torch.empty(B, Hq, T, dtype=torch.float32, device=dev)
     delta_block = 32 if _launch.interpreting(dev) else DELTA_BLOCK_M
+    has_lo = out_lo.numel() > 0
+    if has_lo and out_lo.stride() != out.stride():  # the delta kernel reads both with O's strides
+        out, out_lo = out.contiguous(), out_lo.contiguous()
     _launch.kernel(_attn_bwd_delta_kernel, dev)[(triton.cdiv(T, delta_block), B * Hq)](
-        out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2),
+        out, out_lo if has_lo else out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), Hq, T,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=delta_block)
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=delta_block, HAS_LO=has_lo)
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -406,7 +468,7 @@ def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
             dq.stride(0), dq.stride(1), dq.stride(2), kpm.stride(0),
             Hq, T, P, group, qk_scale, scale, **common, **_launch.blocks(cfg), **_launch.launch_options(cfg))
 
-    key = (T, P, D, q.dtype, causal, group)
+    key = (T, P, D, q.dtype, causal, group, common["SPLIT"])
     cfg = _launch.pick_config("prefix_attention_dkdv", key, DKDV_CONFIGS[q.element_size()], dev, lambda c: run_dkdv(c, False),
                               INTERPRETER_BLOCKS)
     run_dkdv(cfg, False)
@@ -418,7 +480,7 @@ def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
 
 
 @prefix_attention_backward.register_fake
-def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
+def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, out_lo, lse, causal, scale):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prefix_k),
             torch.empty_like(prefix_v))
 
@@ -428,16 +490,17 @@ class PrefixAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
-        out, lse = torch.ops.dsxfer.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
+        out, lse, out_lo = torch.ops.dsxfer.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                                                 causal, scale)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, out_lo, lse)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, key_padding_mask, out, out_lo, lse = ctx.saved_tensors
         dq, dk, dv, dpk, dpv = torch.ops.dsxfer.prefix_attention_bwd(
-            grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, ctx.causal, ctx.scale)
+            grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, out_lo, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, dpk, dpv, None, None, None
 
 

@@ -95,13 +95,15 @@ def spill_bytes(compiled) -> int:
 def attention_kernels(dtype, causal=True, kpm=True):
     """(name, fn, pointer types, constexprs, config) for the four attention kernels in one dtype."""
     t = "*" + TRITON_TYPE[dtype]
+    split = dtype != torch.float32  # the default (exact) backward for 16-bit inputs
     common = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=causal, HAS_KPM=kpm,
                   PRECISION="tf32x3" if dtype == torch.float32 else "ieee")
-    io = dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", O=t, LSE="*fp32")
+    io = dict(Q=t, K=t, V=t, PK=t, PV=t, KPM="*i8", O=t, O_LO=t, LSE="*fp32")
     size = dtype.itemsize
-    yield "attn_fwd", _attn_fwd_kernel, io, common, FWD_CONFIGS[size][0]
-    yield ("attn_bwd_delta", _attn_bwd_delta_kernel, dict(O=t, DO=t, DELTA="*fp32"),
-           dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=DELTA_BLOCK_M), {})
+    yield "attn_fwd", _attn_fwd_kernel, io, {**common, "STORE_LO": split}, FWD_CONFIGS[size][0]
+    yield ("attn_bwd_delta", _attn_bwd_delta_kernel, dict(O=t, O_LO=t, DO=t, DELTA="*fp32"),
+           dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=DELTA_BLOCK_M, HAS_LO=split), {})
+    common["SPLIT"] = split
     for prefix in (False, True):
         grads = "*fp32" if prefix else t  # prefix partials are float32
         yield (f"attn_bwd_dkdv_prefix={prefix}", _attn_bwd_dkdv_kernel,
