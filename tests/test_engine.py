@@ -19,7 +19,7 @@ import torch
 from dsxfer import engine as eng
 from dsxfer.config import config_from_dict
 from dsxfer.errors import ConfigError
-from dsxfer.train import Batches, TrainData
+from dsxfer.train import Batches
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, MARK = 64, 12, 7
