@@ -1,13 +1,11 @@
 """How dsxfer's Triton kernels are launched: compiled or interpreted, and with which block sizes.
 
-Interpreter choice happens at launch time, not import time. `triton.jit` decides between a compiled
-JITFunction and an InterpretedFunction when the decorator runs, so a module imported once without
-TRITON_INTERPRET=1 would stay compiled for the whole process, whatever a later test sets. Instead each
-kernel is kept as its plain Python source and wrapped on first use: CPU tensors or TRITON_INTERPRET=1
--> the interpreter, CUDA tensors -> the compiler. Import order (pytest collecting several modules,
-another library importing triton first) therefore cannot change which path a test exercises. The
-kernels call no other @triton.jit function for the same reason: a nested JITFunction cannot run inside
-an interpreted kernel.
+Interpreter or compiler is chosen per launch from the tensors' device: CPU tensors (or
+TRITON_INTERPRET=1) -> an InterpretedFunction built from the kernel's Python source, CUDA tensors ->
+a JITFunction. The interpreter still needs TRITON_INTERPRET=1 in the environment before triton is first
+imported, because Triton decorates its own library functions (tl.sum, tl.max, ...) at import; without it
+a CPU launch raises a one-line error saying so (tests/conftest.py sets it on GPU-less machines). The
+kernels call no other @triton.jit function of ours, so nothing else depends on import order.
 
 Block sizes come from a short hand-tuned list per kernel (H100 first). Triton's autotuner does not run
 under the interpreter, so tuning is opt-in: DSXFER_AUTOTUNE=1 on a CUDA device times every config of
@@ -36,7 +34,13 @@ def kernel(fn: Callable, device: torch.device):
     key = (id(fn), interp)
     if key not in _WRAPPED:
         if interp:
+            import triton.language.standard as tl_standard
             from triton.runtime.interpreter import InterpretedFunction
+
+            if not isinstance(tl_standard.sum, InterpretedFunction):
+                raise RuntimeError("Triton kernels on CPU tensors run in Triton's interpreter, which needs "
+                                   "TRITON_INTERPRET=1 set before triton is first imported; set it in the "
+                                   "environment (or use CUDA tensors, or DSXFER_KERNELS=reference)")
 
             _WRAPPED[key] = InterpretedFunction(fn)
         else:

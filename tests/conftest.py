@@ -6,7 +6,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors only in Triton's interpreter, and Triton picks interpreter or compiler
+# once, when it is first imported (its own tl.sum, tl.max... are decorated then). Switch it on here,
+# before any test module imports triton, on machines without a GPU; GPU machines keep the compiler for
+# the gpu-marked kernel tests. tests/test_kernels_compile.py compiles in a subprocess without it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

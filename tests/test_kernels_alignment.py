@@ -1,7 +1,7 @@
 """Triton alignment loss vs the float64 PyTorch reference, on CPU through Triton's interpreter.
 
-Interpreter guard: see tests/test_kernels_attention.py (kernels are wrapped at launch time, CPU tensors
-always run interpreted, so import order does not matter; the env var below is belt and braces).
+Interpreter guard: tests/conftest.py sets TRITON_INTERPRET=1 before any test module imports triton
+(see tests/test_kernels_attention.py); the setdefault below covers running this file on its own.
 
 Tolerance rule (STYLE.md): |kernel - fp64 reference| <= 2 x |reference run in the same dtype - fp64
 reference| + a tiny absolute floor where the result is computed in float32 (the loss value for every

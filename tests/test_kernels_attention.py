@@ -1,9 +1,11 @@
 """Triton prefix attention vs the float64 PyTorch reference, on CPU through Triton's interpreter.
 
-Interpreter guard: TRITON_INTERPRET=1 is set here before triton is imported, but that alone is not
-robust (another test module may have imported triton first). What makes it robust is in
-dsxfer/kernels/_launch.py: kernels are wrapped at launch time, and CPU tensors always get an
-InterpretedFunction, whatever the import order. `test_cpu_launch_is_interpreted` checks that.
+Interpreter guard: Triton picks interpreter or compiler when it is first imported, and another test
+module may import triton (through dsxfer) before this one. tests/conftest.py therefore sets
+TRITON_INTERPRET=1 for the whole pytest process on GPU-less machines, before any test module is
+imported; the setdefault below only covers running this file without that conftest. Kernels are
+wrapped per launch (dsxfer/kernels/_launch.py): CPU tensors always get an InterpretedFunction, and a
+process whose triton was imported without the interpreter gets a one-line error instead of a crash.
 
 Tolerance rule (STYLE.md): |kernel - fp64 reference| <= 2 x |reference run in the same dtype - fp64
 reference| + a tiny absolute floor (float32 only, where both errors are at rounding level).

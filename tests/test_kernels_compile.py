@@ -3,25 +3,30 @@
 The interpreter runs kernels as numpy and accepts things the GPU compiler rejects (layouts, dot shapes,
 dtype mixes, shared-memory overflow). Here each kernel goes through triton.compile with
 GPUTarget("cuda", 90, 32) and an ASTSource (signature + constexprs): Triton's own frontend, MLIR passes,
-LLVM to PTX, then the bundled ptxas (triton/backends/nvidia/bin/ptxas) to a cubin. Nothing in that
-chain needs a GPU or a CUDA driver. The block sizes and warp counts are the H100 defaults the
+LLVM to PTX, then the ptxas bundled with Triton to a cubin (for sm_90 Triton 3.9 uses
+triton/backends/nvidia/bin/ptxas-blackwell, CUDA 13.4; the plain `ptxas` beside it is CUDA 12.8 and
+rejects the PTX 9.4 that Triton emits). Nothing in that chain needs a GPU or a CUDA driver. The block sizes and warp counts are the H100 defaults the
 dispatch uses, so shared memory is checked against the H100's per-block limit as well.
 
-A fresh TRITON_CACHE_DIR per test module makes every run really compile (no cache hits). The lean
-default set covers each kernel in its most constrained variant and each dtype for the attention
+Triton fixes interpreter-or-compiler when it is first imported (its own tl.sum, tl.max... are decorated
+then), and tests/conftest.py switches the interpreter on for the pytest process on GPU-less machines.
+So the compilation runs in one subprocess per set of kernels, started without TRITON_INTERPRET
+(`python tests/test_kernels_compile.py lean|full` runs the same worker by hand and prints its JSON);
+each test then checks its kernel's entry. A fresh TRITON_CACHE_DIR makes every run really compile.
+The lean default set covers each kernel in its most constrained variant and each dtype for the attention
 kernels; the full dtype x variant grid is @slow.
 """
 
+import functools
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import pytest
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from dsxfer.kernels.alignment_loss import (GRAD_CONFIGS, INFONCE_BWD_CONFIGS, INFONCE_CONFIGS, POOL_CONFIGS,
                                            _grad_kernel, _infonce_bwd_kernel, _infonce_fwd_kernel, _pool_kernel)
@@ -29,24 +34,12 @@ from dsxfer.kernels.prefix_attention import (DELTA_BLOCK_M, DKDV_CONFIGS, DQ_CON
                                              _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                              _attn_fwd_kernel)
 
-H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_PER_BLOCK = 227 * 1024
 # Register spills the default block sizes may cost per thread (ptxas -v "bytes spill stores"); the
 # defaults were chosen as the largest tiles without (or with negligible) spills at head dim 128 / H 1024.
 MAX_SPILL_BYTES = 64
 TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 FLOAT_ARGS = {"qk_scale", "sm_scale", "coef"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_triton_cache(tmp_path_factory):
-    previous = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("TRITON_CACHE_DIR", None)
-    else:
-        os.environ["TRITON_CACHE_DIR"] = previous
 
 
 def compile_for_h100(fn, pointers: dict[str, str], constexprs: dict, config: dict):
@@ -67,8 +60,13 @@ def compile_for_h100(fn, pointers: dict[str, str], constexprs: dict, config: dic
     assert not missing, f"unknown pointer arguments {missing}"
     # Pointers 16-byte aligned, as torch allocations are: lets the compiler vectorise loads.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     jit = triton.runtime.jit.JITFunction(fn)
-    compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=H100, options=options)
+    compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
     assert compiled.asm.get("ptx"), "no PTX produced"
     assert len(compiled.asm.get("cubin", b"")) > 0, "no cubin produced"
     assert ".target sm_90" in compiled.asm["ptx"]
@@ -143,14 +141,42 @@ def _lean():
 LEAN = list(_lean())
 
 
-@pytest.mark.parametrize("dtype,name,fn,pointers,constexprs,config", LEAN,
-                         ids=[f"{item[0]}-{item[1]}" for item in LEAN])
-def test_kernel_compiles_for_sm90(dtype, name, fn, pointers, constexprs, config):
-    compiled = compile_for_h100(fn, pointers, constexprs, config)
-    if dtype == "fp32":
+def _case_id(item) -> str:
+    return f"{item[0]}-{item[1]}"
+
+
+def _worker(which: str) -> dict:
+    """Compile every kernel of LEAN or FULL in this process (TRITON_INTERPRET must be off)."""
+    results = {}
+    for item in LEAN if which == "lean" else FULL:
+        variant, name, fn, pointers, constexprs, config = item
+        try:
+            compiled = compile_for_h100(fn, pointers, constexprs, config)
+            spills = spill_bytes(compiled) if which == "lean" else None
+            results[_case_id(item)] = dict(ok=True, spills=spills, shared=compiled.metadata.shared)
+        except Exception as e:  # reported per kernel by the tests
+            results[_case_id(item)] = dict(ok=False, error=f"{type(e).__name__}: {e}"[-2000:])
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(which: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        run = subprocess.run([sys.executable, __file__, which], capture_output=True, text=True, env=env,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, f"compile worker failed:\n{run.stderr[-3000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("item", LEAN, ids=[_case_id(item) for item in LEAN])
+def test_kernel_compiles_for_sm90(item):
+    result = _compiled("lean")[_case_id(item)]
+    assert result["ok"], result.get("error")
+    if item[0] == "fp32":
         return  # the float32 attention path trades registers for tf32x3 accuracy and spills at head dim 128
-    spills = spill_bytes(compiled)
-    assert spills <= MAX_SPILL_BYTES, f"{name} ({dtype}, {config}) spills {spills} B of registers per thread"
+    assert result["spills"] <= MAX_SPILL_BYTES, f"{_case_id(item)} ({item[-1]}) spills {result['spills']} B per thread"
 
 
 def _full_grid():
@@ -168,7 +194,11 @@ FULL = list(_full_grid())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,name,fn,pointers,constexprs,config", FULL,
-                         ids=[f"{item[0]}-{item[1]}" for item in FULL])
-def test_every_variant_compiles_for_sm90(variant, name, fn, pointers, constexprs, config):
-    compile_for_h100(fn, pointers, constexprs, config)
+@pytest.mark.parametrize("item", FULL, ids=[_case_id(item) for item in FULL])
+def test_every_variant_compiles_for_sm90(item):
+    result = _compiled("full")[_case_id(item)]
+    assert result["ok"], result.get("error")
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(sys.argv[1] if len(sys.argv) > 1 else "lean")))
