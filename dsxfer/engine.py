@@ -226,6 +226,7 @@ def zero3_construction(ds: dict[str, Any]) -> Iterator[None]:
     if zero_stage(ds) != 3:
         yield
         return
+    init_distributed()  # zero.Init needs the process group; without RANK etc. DeepSpeed would try MPI discovery
     import transformers.models.auto.modeling_auto  # noqa: F401  (imported before zero.Init, see above)
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config

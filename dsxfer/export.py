@@ -2,6 +2,7 @@
 
 <export>/trainable.safetensors + config.yaml     what dsxfer.model.load_trained reads (a run folder)
 <export>/head.safetensors                        the task head alone (QA: span.weight (2, H), span.bias (2,))
+<export>/prefixes.safetensors                    merged per-layer prefixes prefix.<layer>.key / .value (Hkv, P, D)
 <export>/peft_prompt_tuning/                     soft prompt  -> PROMPT_TUNING  (prompt_embeddings (n, H))
 <export>/peft_lora/                              LoRA         -> LORA
 <export>/peft_prefix_tuning/                     prefixes     -> PREFIX_TUNING  (decoders, prefixes in every layer)
@@ -133,6 +134,9 @@ def export_model(model, run_dir: Path | None, out: Path, config_yaml: str) -> li
     if model.cfg.adapters.lora:
         lines.append(f"wrote {lora_adapter(model, out / 'peft_lora')} (PEFT LORA)")
     if model.injection is not None:
+        # plain per-layer keys/values (the reparameterisation MLP evaluated once): portable to any runtime
+        save_file(model.injection.merged(), str(out / "prefixes.safetensors"))
+        lines.append(f"wrote {out / 'prefixes.safetensors'} (per-layer prefix keys/values, (Hkv, P, D) each)")
         if not is_decoder_backbone(model.backbone):
             lines.append("skipped PEFT PREFIX_TUNING: peft refuses encoder backbones (no past key values in transformers 5); "
                          "the prefixes are in trainable.safetensors")

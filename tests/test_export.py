@@ -110,6 +110,9 @@ def test_zero3_export_holds_trained_values_and_encoder_prefix_is_refused(tmp_pat
                                     injection={"length": 2, "reparam": True, "reparam_hidden": 8})
     lines = export_run(run)
     assert any("skipped PEFT PREFIX_TUNING: peft refuses encoder" in line for line in lines)
+    merged = load_file(str(run / "export" / "prefixes.safetensors"))  # the MLP evaluated: (Hkv, P, D) per layer
+    assert sorted(merged) == ["prefix.0.key", "prefix.0.value", "prefix.1.key", "prefix.1.value"]
+    assert all(v.shape == (4, 2, 8) for v in merged.values())
     exported = load_file(str(run / "export" / "trainable.safetensors"))
     trained = load_file(str(run / "trainable.safetensors"))
     assert set(exported) == set(trained) and any(k.startswith("injection.") for k in exported)
