@@ -383,6 +383,17 @@ def stable_pair_id(text_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(text_id.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
+def _parallel_pairs(cfg) -> dict[str, list]:
+    """Parallel pairs per target language: the user's src/tgt files, else Tatoeba (alignment.* fields)."""
+    from dsxfer.data.readers import read_parallel
+    from dsxfer.data.tasks import tatoeba_pairs
+
+    a, d = cfg.alignment, cfg.data
+    if a.src_file:
+        return {"custom": list(read_parallel(a.src_file, a.tgt_file, "custom", on_error=d.on_error))[: a.max_pairs]}
+    return {lang: list(tatoeba_pairs(lang, d.data_dir, max_pairs=a.max_pairs, on_error=d.on_error)) for lang in a.target_langs}
+
+
 def _source_examples(cfg) -> tuple[list, list]:
     """(training pool, held-out source dev set) of the source language.
 
@@ -440,9 +451,8 @@ def _eval_examples(cfg) -> dict[str, list]:
 def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, dict[str, Any]]:
     """Readers -> k-shot sampling -> overlap check -> featurization -> TrainData, and what was used."""
     from dsxfer.data.qa import collate_pairs, featurize_pairs, featurize_qa, pad_token_id
-    from dsxfer.data.readers import read_parallel
     from dsxfer.data.sampling import sample_k_shot
-    from dsxfer.data.tasks import check_no_overlap, load_task, tatoeba_pairs
+    from dsxfer.data.tasks import check_no_overlap, load_task
 
     d, a = cfg.data, cfg.alignment
     reserved = int(model.num_virtual_tokens)
@@ -470,7 +480,15 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
             banned = [ex.id for key, exs in evals.items() if key.startswith(f"{d.shot_task}/") for ex in exs]
             shots[lang] = sample_k_shot(shot_pool, d.k_shot, cfg.train.seed, lang=lang, exclude=banned,
                                         balanced=cfg.model.task == "classification")
-    training = pool + [ex for exs in shots.values() for ex in exs]
+    pairs_by_lang = _parallel_pairs(cfg) if a.enabled or d.induce_lexicon else {}
+    # --- pseudo data: code-switched copies of source examples, translate-train files
+    from dsxfer.augment import pseudo_training_data
+
+    pseudo = pseudo_training_data(cfg, pool, backbone=model.backbone, tokenizer=tokenizer,
+                                  pairs=[p for ps in pairs_by_lang.values() for p in ps])
+    if pseudo:
+        log(f"pseudo data: {len(pseudo)} examples added (code-switched copies and translate-train files)")
+    training = pool + [ex for exs in shots.values() for ex in exs] + pseudo
     for key, exs in evals.items():  # rows are translations of each other: compare ids across languages
         check_no_overlap(training, exs, f"training pool ({d.train_task} {d.source_lang} + {d.k_shot}-shot {d.shot_task}) vs {key}")
 
@@ -486,12 +504,6 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
     # --- parallel pairs for the alignment loss
     align, probes, n_pairs = None, {}, 0
     if a.enabled:
-        pairs_by_lang = {}
-        if a.src_file:
-            pairs_by_lang["custom"] = list(read_parallel(a.src_file, a.tgt_file, "custom", on_error=d.on_error))[: a.max_pairs]
-        else:
-            for lang in a.target_langs:
-                pairs_by_lang[lang] = list(tatoeba_pairs(lang, d.data_dir, max_pairs=a.max_pairs, on_error=d.on_error))
         pairs = [p for ps in pairs_by_lang.values() for p in ps]
         n_pairs = len(pairs)
         # the target side gets the soft prompt prepended: keep its real tokens within the budget
@@ -544,7 +556,7 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
             return scores
 
     used = {"source_examples": len(pool), "source_dev_examples": len(dev), "shots": shots, "test_rows": sorted(held_out),
-            "task_features": task.n, "parallel_pairs": n_pairs, "source_dev_ids": [ex.id for ex in dev]}
+            "task_features": task.n, "pseudo_examples": len(pseudo), "parallel_pairs": n_pairs, "source_dev_ids": [ex.id for ex in dev]}
     log(f"data: {len(pool)} {d.train_task} {d.source_lang} training examples + "
         f"{sum(len(v) for v in shots.values())} target shots ({d.k_shot} per language from {d.shot_task}: "
         f"{', '.join(shots) or 'none'}) -> {task.n} features; {len(dev)} held-out source dev examples; "
