@@ -5,33 +5,16 @@ import math
 
 import pytest
 import torch
-from transformers import (AttentionInterface, BertConfig, BertModel, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model,
-                          XLMRobertaConfig, XLMRobertaModel)
+from transformers import AttentionInterface
 from transformers import masking_utils
 
 from dsxfer import prompts
-from dsxfer.config import load_config
 from dsxfer.errors import ConfigError, DataError
 from dsxfer.model import TransferModel
+from tiny_backbones import config, tiny_backbone
 
 ENCODERS = ("xlm-roberta", "bert")
 DECODERS = ("llama", "qwen2")
-
-
-def tiny_backbone(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    if arch == "xlm-roberta":
-        return XLMRobertaModel(XLMRobertaConfig(**common, max_position_embeddings=80, pad_token_id=1))
-    if arch == "bert":
-        return BertModel(BertConfig(**common, max_position_embeddings=80))
-    if arch == "llama":
-        return LlamaModel(LlamaConfig(**common, num_key_value_heads=2))
-    return Qwen2Model(Qwen2Config(**common, num_key_value_heads=2))
-
-
-def config(*overrides):
-    return load_config(None, ["model.max_length=64", "model.doc_stride=16", "alignment.enabled=false", *overrides])
 
 
 def batch(seed=1, B=3, T=9):
