@@ -209,10 +209,10 @@ def subset(examples: Sequence[Any], max_examples: int | None, seed: int = 0) -> 
     return [ex for ex in examples if ex.id in keep]
 
 
-def data_note(task: str, n_used: int, n_total: int) -> str:
+def data_note(task: str, n_used: int, n_total: int, held_out: bool = False) -> str:
     from dsxfer.data.tasks import get_task
 
-    display = get_task(task).display
+    display = get_task(task).display + (f" rows held out of training ({n_total})" if held_out else "")
     return display if n_used == n_total else f"{display} subset of {n_used}"
 
 
@@ -233,6 +233,21 @@ def check_eval_leakage(run_dir: str | None, task: str, examples: Sequence[Any]) 
     check_no_overlap(trained_ids, examples, f"{shots_path} vs {task} evaluation")
 
 
+def held_out_rows(run_dir: str | None, task: str) -> set[str] | None:
+    """The row ids a trained run held out of `task` (its test_rows.json), or None when it trained on none of it.
+
+    A task that is both trained on and evaluated (PAWS-X dev) is split by row id at training time; its
+    evaluation must then use only the held-out rows, in every language.
+    """
+    path = Path(run_dir) / "test_rows.json" if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or not {"tasks", "ids"} <= set(doc):
+        raise DataError(f"{path}: expected {{\"tasks\": [...], \"ids\": [...]}} as written by dsxfer train; re-run training or delete the file")
+    return set(doc["ids"]) if task in doc["tasks"] else None
+
+
 def run_eval(
     task: str = "xquad", langs: str | Sequence[str] = "all", *, model: str | None = None, run_dir: str | None = None,
     max_examples: int | None = None, output_dir: str | Path = "runs/eval", batch_size: int = 32, seed: int = 0,
@@ -249,11 +264,13 @@ def run_eval(
         raise DataError("tydiqa: the bundled GoldP dev set carries no gold answers, so it cannot be scored; evaluate on xquad or mlqa")
     # read and check every language before loading a model: a bad file or a leak fails in seconds
     data = {}
+    held_out = held_out_rows(run_dir, task)
     for lang in lang_list:
         records = load_task(task, lang, data_dir=data_dir, on_error=on_error)
-        examples = subset(records.items, max_examples, seed)
+        pool = records.items if held_out is None else [ex for ex in records.items if ex.id in held_out]
+        examples = subset(pool, max_examples, seed)
         check_eval_leakage(run_dir, task, examples)
-        data[lang] = (examples, len(records), records.skip_summary())
+        data[lang] = (examples, len(pool), records.skip_summary())
     if predictor is None:
         predictor = load_predictor(spec.kind, model=model, run_dir=run_dir, num_labels=len(spec.labels) or 2, seed=seed)
     max_length = max_length or predictor.max_length or (384 if spec.kind == "qa" else 128)
@@ -274,7 +291,7 @@ def run_eval(
                 reserved_tokens=predictor.reserved_tokens, batch_size=batch_size, progress=progress)
         (out_dir / f"predictions_{lang}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=1), encoding="utf-8")
         results.append({"task": task, "lang": lang, "metric": spec.metric, **{k: round(v, 4) for k, v in scores.items()},
-                        "n_examples": len(examples), "data": data_note(task, len(examples), n_total)})
+                        "n_examples": len(examples), "data": data_note(task, len(examples), n_total, held_out is not None)})
         if skipped:
             results[-1]["skipped"] = {"count": sum(skipped.values()), "reasons": skipped}
     doc = {"method": predictor.method, "model": predictor.model_name, "run_dir": str(run_dir) if run_dir else None,

@@ -463,7 +463,8 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
     # A task that is both trained on and evaluated (PAWS-X dev) is split by row id, the same rows held
     # out in every language: training keeps one half, the evaluation test rows are the other half.
     held_out: set[str] = set()
-    if any(key.split("/")[0] in (d.train_task, d.shot_task) for key in evals):
+    split_tasks = sorted({key.split("/")[0] for key in evals} & {d.train_task, d.shot_task})
+    if split_tasks:
         from dsxfer.data.tasks import split_rows
 
         shared = sorted({ex.id for key, exs in evals.items() if key.split("/")[0] in (d.train_task, d.shot_task) for ex in exs})
@@ -555,7 +556,7 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
                                                 batch_size=cfg.eval.batch_size, progress=False)
             return scores
 
-    used = {"source_examples": len(pool), "source_dev_examples": len(dev), "shots": shots, "test_rows": sorted(held_out),
+    used = {"source_examples": len(pool), "source_dev_examples": len(dev), "shots": shots, "test_rows": {"tasks": split_tasks, "ids": sorted(held_out)} if held_out else None,
             "task_features": task.n, "pseudo_examples": len(pseudo), "parallel_pairs": n_pairs, "source_dev_ids": [ex.id for ex in dev]}
     log(f"data: {len(pool)} {d.train_task} {d.source_lang} training examples + "
         f"{sum(len(v) for v in shots.values())} target shots ({d.k_shot} per language from {d.shot_task}: "
@@ -583,7 +584,7 @@ def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_shots(out_dir / "shots.json", used["shots"], task=cfg.data.shot_task, k=cfg.data.k_shot, seed=cfg.train.seed)
         (out_dir / "source_dev_ids.json").write_text(json.dumps(used["source_dev_ids"]))
-        if used["test_rows"]:  # rows the run never trained on: evaluate on these only
+        if used["test_rows"]:  # rows the run never trained on: `dsxfer eval --run_dir` evaluates on these only
             (out_dir / "test_rows.json").write_text(json.dumps(used["test_rows"]))
     summary = run_training(cfg, model, data, quiet=quiet)
     summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids", "test_rows")}, rank=info["rank"])

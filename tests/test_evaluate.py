@@ -11,7 +11,7 @@ from dsxfer.cli import main
 from dsxfer.data import featurize_qa, load_task, save_shots, task_file
 from dsxfer.errors import DataError
 from dsxfer.evaluate import (
-    build_hf_model, evaluate_classification, evaluate_qa, hf_predictor, run_eval, subset,
+    build_hf_model, evaluate_classification, evaluate_qa, held_out_rows, hf_predictor, load_predictor, run_eval, subset,
 )
 from test_data_qa import char_tokenizer, decoder_tokenizer, encoder_tokenizer
 
@@ -132,6 +132,24 @@ def test_pawsx_eval_accuracy_equals_the_prediction_file(tiny_xlmr, tmp_path):
         assert len(preds) == 30 and set(preds.values()) <= {0, 1}
         assert r["accuracy"] == pytest.approx(100 * np.mean([gold[k] == v for k, v in preds.items()]), abs=1e-4)
         assert r["data"] == "PAWS-X dev subset of 30"
+
+
+def test_eval_of_a_run_uses_only_the_rows_it_held_out(tiny_xlmr, tmp_path):
+    # a run that trained on half of PAWS-X dev wrote the other half's row ids; evaluation keeps to them
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = sorted(ex.id for ex in load_task("pawsx", "en").items[::100])
+    (run / "test_rows.json").write_text(json.dumps({"tasks": ["pawsx"], "ids": rows}))
+    predictor = load_predictor("classification", model=str(tiny_xlmr))
+    doc = run_eval("pawsx", "en,de", run_dir=str(run), predictor=predictor, output_dir=tmp_path / "o", progress=False)
+    for r in doc["results"]:
+        assert sorted(json.loads((tmp_path / "o" / f"predictions_{r['lang']}.json").read_text())) == rows
+        assert r["n_examples"] == 20 and r["data"] == "PAWS-X dev rows held out of training (20)"
+    # a task the run did not split is evaluated on all its rows
+    assert held_out_rows(str(run), "xquad") is None
+    (run / "test_rows.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match="as written by dsxfer train"):
+        held_out_rows(str(run), "pawsx")
 
 
 def test_eval_errors_are_one_clear_line(tmp_path, capsys):

@@ -56,3 +56,20 @@ def test_codeswitched_copies_are_trained_on(tmp_path):
     starts, ends = extra["start_positions"], extra["end_positions"]
     assert bool(((starts <= ends) & (starts >= 0)).all())
     assert torch.equal(plain.task.make([0])["input_ids"], mixed.task.make([0])["input_ids"])
+
+
+def test_a_task_both_trained_and_evaluated_is_split_by_row(tmp_path):
+    cfg = config_from_dict({
+        "model": {"task": "classification", "max_length": 64, "doc_stride": 16},
+        "prompts": {"length": 0}, "injection": {"length": 2, "reparam": False},
+        "alignment": {"enabled": False},
+        "data": {"train_task": "pawsx", "shot_task": "pawsx", "max_train_examples": 40, "dev_examples": 5,
+                 "k_shot": 4, "target_langs": ["de"]},
+        "eval": {"tasks": ["pawsx"], "langs": ["en", "de"]},
+        "train": {"output_dir": str(tmp_path), "seed": 5},
+    })
+    backbone, tokenizer = tiny_model("xlm-roberta")
+    data, used = build_train_data(cfg, TransferModel(backbone, cfg, tokenizer), tokenizer, log=lambda *_: None)
+    held_out = set(used["test_rows"]["ids"])
+    assert used["test_rows"]["tasks"] == ["pawsx"] and len(held_out) == 1000  # half of the 2000 rows
+    assert not held_out & set(used["shots"]["de"]) and not held_out & set(used["source_dev_ids"])
