@@ -58,6 +58,22 @@ class QAFeatures:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def add_window(self, ex_index: int, ex: "QAExample", ids: list[int], attention_mask: list[int],
+                   token_type_ids: list[int] | None, offsets: list, null: int, with_labels: bool) -> None:
+        """Append one window of example `ex` (labelled from its gold answer when with_labels)."""
+        self.input_ids.append(ids)
+        self.attention_mask.append(attention_mask)
+        if self.token_type_ids is not None:
+            self.token_type_ids.append(token_type_ids)
+        self.example_index.append(ex_index)
+        self.example_id.append(ex.id)
+        self.offset_mapping.append(offsets)
+        self.null_index.append(null)
+        if with_labels:
+            start, end = _label_window(ex, offsets, null)
+            self.start_positions.append(start)
+            self.end_positions.append(end)
+
     def batch(self, indices: Sequence[int], pad_id: int, with_labels: bool = False):
         """Right-padded torch tensors for the features at indices (the model's task keys)."""
         import torch
@@ -193,19 +209,11 @@ def _featurize_from_parts(
             ids = head + c_ids[start:stop] + template.suffix
             offsets = [None] * len(head) + c_spans[start:stop] + [None] * len(template.suffix)
             null = ids.index(cls_id) if cls_id is not None and cls_id in ids else 0
-            feats.input_ids.append(ids)
-            feats.attention_mask.append([1] * len(ids))
+            types = None
             if template.types is not None:
                 pre, q_type, mid, c_type, suf = template.types
-                feats.token_type_ids.append(pre + [q_type] * len(q_ids) + mid + [c_type] * (stop - start) + suf)
-            feats.example_index.append(ex_index)
-            feats.example_id.append(ex.id)
-            feats.offset_mapping.append(offsets)
-            feats.null_index.append(null)
-            if with_labels:
-                s, e = _label_window(ex, offsets, null)
-                feats.start_positions.append(s)
-                feats.end_positions.append(e)
+                types = pre + [q_type] * len(q_ids) + mid + [c_type] * (stop - start) + suf
+            feats.add_window(ex_index, ex, ids, [1] * len(ids), types, offsets, null, with_labels)
             if stop >= len(c_ids):
                 break
             start = stop - doc_stride
@@ -254,18 +262,8 @@ def _featurize_with_pair_calls(
                 space_masks = {ex_index: _whitespace_mask(ex.context)}
             offsets = _context_offsets(ex.context, enc["offset_mapping"][f], seq, space_masks[ex_index])
             null = ids.index(cls_id) if cls_id is not None and cls_id in ids else 0
-            feats.input_ids.append(ids)
-            feats.attention_mask.append(enc["attention_mask"][f])
-            if feats.token_type_ids is not None:
-                feats.token_type_ids.append(enc["token_type_ids"][f])
-            feats.example_index.append(ex_index)
-            feats.example_id.append(ex.id)
-            feats.offset_mapping.append(offsets)
-            feats.null_index.append(null)
-            if with_labels:
-                start, end = _label_window(ex, offsets, null)
-                feats.start_positions.append(start)
-                feats.end_positions.append(end)
+            types = enc["token_type_ids"][f] if feats.token_type_ids is not None else None
+            feats.add_window(ex_index, ex, ids, enc["attention_mask"][f], types, offsets, null, with_labels)
     return feats
 
 
