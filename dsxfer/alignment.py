@@ -113,37 +113,47 @@ def alignment_weight(step: int, *, weight: float, warmup_steps: int = 0, decay: 
 class TeacherCache:
     """Teacher vectors (L, H) per pair id, in memory and optionally on disk.
 
-    The disk file is keyed by the model, the layers and the pair-id namespace, so a later run with the same
-    backbone and the same parallel data re-uses it; `flush()` writes what is new.
+    The disk files are keyed by the model and the layers, so a later run with the same backbone and the
+    same parallel data re-uses them; training calls `flush()` at every checkpoint and at the end, and it
+    writes what is new. Each rank computes the teacher for its own pair batches, so rank r writes
+    `teacher-<key>.rank<r>.safetensors` and every rank reads all of them.
     """
 
-    def __init__(self, model_id: str, layers: list[int], cache_dir: str | Path | None = None, namespace: str = ""):
+    def __init__(self, model_id: str, layers: list[int], cache_dir: str | Path | None = None):
         self.layers = list(layers)
         self.vectors: dict[int, torch.Tensor] = {}
         self.teacher_forwards = 0  # how many teacher rows were computed (not served from the cache)
         self._dirty = False
-        key = hashlib.sha1(f"{model_id}|{self.layers}|{namespace}".encode()).hexdigest()[:16]
-        self.path = Path(cache_dir) / f"teacher-{key}.safetensors" if cache_dir else None
-        if self.path is not None and self.path.is_file():
-            self._load()
+        self.key = hashlib.sha1(f"{model_id}|{self.layers}|".encode()).hexdigest()[:16]
+        self.dir = Path(cache_dir) if cache_dir else None
+        if self.dir is not None:
+            for path in sorted(self.dir.glob(f"teacher-{self.key}.rank*.safetensors")):
+                self._load(path)
 
-    def _load(self) -> None:
+    @property
+    def path(self) -> Path | None:
+        """This rank's cache file."""
+        from dsxfer import engine as eng
+
+        return self.dir / f"teacher-{self.key}.rank{eng.rank()}.safetensors" if self.dir is not None else None
+
+    def _load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         try:
-            data = load_file(str(self.path))
+            data = load_file(str(path))
             ids, vecs = data["ids"], data["vectors"]
         except Exception as e:
-            raise DataError(f"teacher cache {self.path} cannot be read ({e}): delete it and it will be rebuilt") from None
+            raise DataError(f"teacher cache {path} cannot be read ({e}): delete it and it will be rebuilt") from None
         for i, v in zip(ids.tolist(), vecs):
             self.vectors[int(i)] = v
 
     def flush(self) -> None:
-        if self.path is None or not self._dirty or not self.vectors:
+        if self.dir is None or not self._dirty or not self.vectors:
             return
         from safetensors.torch import save_file
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
         ids = sorted(self.vectors)
         tmp = self.path.with_suffix(".tmp")
         save_file({"ids": torch.tensor(ids, dtype=torch.long),

@@ -9,17 +9,27 @@ Layout: <output_dir>/checkpoints/step-00000040/
   manifest.json           sha256 and size of every file above; written last
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place only once every rank has
-written its part and the manifest exists, so a crash never leaves a half-written `step-*` folder.
-`--resume auto` takes the newest folder whose manifest verifies; a corrupted one is reported in one line
-and the previous complete one is used instead.
+written its part and the manifest exists, so a crash (or a full disk) never leaves a half-written `step-*`
+folder; a failed write says which checkpoint is the last good one. Nothing non-finite is ever written.
+`train.resume=auto` takes the newest folder whose manifest verifies; a corrupted one is reported in one
+line and the previous complete one is used instead; when none verifies the run stops (it never starts
+over silently). A checkpoint that does not verify is never deleted or overwritten: a later save of the
+same step moves it aside to `step-XXXXXXXX.corrupt`.
+
+Loading never unpickles arbitrary objects: DeepSpeed's files are read with `torch.load(weights_only=True)`
+and an allow-list of the few DeepSpeed classes they hold (`DS_SAFE_GLOBALS`). The sha256 manifest guards
+against corruption, the allow-list against a tampered file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,7 +49,19 @@ PREFIX = "step-"
 
 
 class CheckpointError(DsxferError):
-    """A checkpoint that cannot be used (missing, incomplete or corrupted)."""
+    """A checkpoint that cannot be used (missing, incomplete, corrupted or unsafe) or cannot be written."""
+
+
+class NonFiniteError(DsxferError):
+    """Trainable values that are NaN or infinite: never saved."""
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise NonFiniteError naming the first tensor of `state` that holds a NaN or an infinity."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteError(f"{what}: {len(bad)} trainable tensor(s) hold NaN/Inf values (first: {bad[0]}); "
+                             "refusing to write them")
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -96,42 +118,82 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` (every rank calls this) and keep only the newest `keep_last`."""
+    """Write checkpoint `step` (every rank calls this) and keep only the newest `keep_last`.
+
+    Raises NonFiniteError (nothing written) for NaN/Inf trainable values, and CheckpointError naming the
+    last good checkpoint when the disk refuses a write (full, read-only, no permission).
+    """
     from safetensors.torch import save_file
 
     root = checkpoint_dir(output_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     r = eng.rank()
-    if r == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash: never trusted
-        tmp.mkdir()
-    eng.barrier()
-
-    # optimizer + scheduler (each rank writes its own ZeRO partition); frozen weights are not ours to save
-    engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
     trainable = eng.gathered_trainable_state(engine.module)  # every rank joins the ZeRO-3 gather
-    (tmp / f"rng-rank{r}.json").write_text(json.dumps(rng_state()))
-    if r == 0:
-        save_file(trainable, str(tmp / TRAINABLE), metadata={"step": str(step)})
-        (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
-    eng.barrier()
+    check_finite(trainable, f"checkpoint {final}")  # the same values on every rank: all raise alike
 
-    if r == 0:
+    def agreed(phase) -> None:
+        """Run one phase of the write on every rank; if it failed anywhere, every rank stops with the cause."""
+        error = None
+        try:
+            phase()
+        except OSError as e:
+            error = e
+        if eng.all_ranks_max(1.0 if error else 0.0) > 0:
+            if r == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            good = complete_checkpoints(output_dir)
+            cause = f"{error.strerror or error} ({error.filename or tmp})" if error else "another rank could not write its part"
+            raise CheckpointError(f"could not write checkpoint {final}: {cause}; the last good checkpoint is "
+                                  f"{good[-1] if good else 'none (no checkpoint was written before)'}; free disk space or fix "
+                                  "permissions, then resume with train.resume=auto")
+
+    def prepare() -> None:
+        if r == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash: never trusted
+            tmp.mkdir()
+
+    def write_parts() -> None:
+        # optimizer + scheduler (each rank writes its own ZeRO partition); frozen weights are not ours to save
+        engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+        (tmp / f"rng-rank{r}.json").write_text(json.dumps(rng_state()))
+        if r == 0:
+            save_file(trainable, str(tmp / TRAINABLE), metadata={"step": str(step)})
+            (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
+
+    def publish() -> None:
+        if r != 0:
+            return
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "world_size": eng.world_size(),
                     "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            try:
+                verify(final)
+                shutil.rmtree(final)  # our own complete checkpoint of this step (an earlier trajectory)
+            except CheckpointError:
+                os.replace(final, _aside(final))  # never overwrite what we could not verify
         os.replace(tmp, final)
         _fsync_dir(root)
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    eng.barrier()
+
+    agreed(prepare)
+    agreed(write_parts)
+    agreed(publish)
     return final
+
+
+def _aside(path: Path) -> Path:
+    """A free name `<path>.corrupt` (then .corrupt-2, ...) for a checkpoint kept for inspection."""
+    candidate, n = path.with_name(path.name + ".corrupt"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.corrupt-{n}")
+    return candidate
 
 
 # ------------------------------------------------------------------------------------ find / verify
@@ -169,7 +231,8 @@ def resolve_resume(output_dir: str | Path, resume: str | None, log=print) -> Pat
     """The checkpoint to resume from: None (fresh run), an explicit folder (must verify), or 'auto'.
 
     'auto' walks from the newest complete checkpoint backwards and takes the first that verifies,
-    reporting each corrupted one it skips.
+    reporting each corrupted one it skips; None when there is no checkpoint at all (a fresh run). When
+    checkpoints exist but none verifies it stops: starting over would silently lose the run.
     """
     if not resume:
         return None
@@ -179,12 +242,18 @@ def resolve_resume(output_dir: str | Path, resume: str | None, log=print) -> Pat
             raise CheckpointError(f"train.resume={resume}: no such checkpoint folder (use a {PREFIX}* folder under {checkpoint_dir(output_dir)} or 'auto')")
         verify(path)
         return path
-    for path in reversed(complete_checkpoints(output_dir)):
+    found = list(reversed(complete_checkpoints(output_dir)))
+    for path in found:
         try:
             verify(path)
             return path
         except CheckpointError as e:
             log(f"warning: {e}; falling back to the previous checkpoint")
+    if found:
+        raise CheckpointError(
+            f"train.resume=auto: none of the {len(found)} checkpoint(s) in {checkpoint_dir(output_dir)} verifies, so there is "
+            "nothing to resume from (nothing was loaded or changed); restore them, or start a fresh run with "
+            "train.resume=null and train.overwrite=true (deletes them) or another train.output_dir")
     return None
 
 
@@ -200,8 +269,9 @@ def load(engine, path: str | Path) -> dict[str, Any]:
     if manifest.get("world_size") != eng.world_size() and engine.zero_optimization_stage() > 0:
         raise CheckpointError(f"checkpoint {path} was written by {manifest.get('world_size')} ranks under ZeRO-{engine.zero_optimization_stage()}; "
                               f"resume it with the same number of ranks (now {eng.world_size()})")
-    load_path, _ = engine.load_checkpoint(str(path / DS_DIR), tag=DS_TAG, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    with weights_only_loads(engine):
+        load_path, _ = engine.load_checkpoint(str(path / DS_DIR), tag=DS_TAG, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed could not read {DS_DIR}/{DS_TAG}; the checkpoint is corrupted")
     # the safetensors file is the authority for parameter values (DeepSpeed restores them from its
@@ -212,3 +282,41 @@ def load(engine, path: str | Path) -> dict[str, Any]:
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
     return json.loads((path / STATE).read_text())
+
+
+def ds_safe_globals() -> list[type]:
+    """The only non-tensor classes in DeepSpeed's checkpoint files (ZeRO 0-3, fp32/bf16/fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine):
+    """While DeepSpeed loads a checkpoint, its checkpoint engine reads files with weights_only=True.
+
+    Every DeepSpeed checkpoint read goes through `engine.checkpoint_engine.load`, which calls torch.load
+    with weights_only=False; this swaps in a restricted load for the duration (on this engine only).
+    """
+    checkpoint_engine = engine.checkpoint_engine
+    allowed = ds_safe_globals()
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"the Python object {found.group(1)}" if found else "Python objects"
+            raise CheckpointError(
+                f"checkpoint file {path} holds {what}, which no checkpoint written by dsxfer contains; it was not "
+                "loaded (dsxfer never unpickles arbitrary objects). Someone changed this file: delete the checkpoint "
+                "folder, or resume from another one") from None
+
+    checkpoint_engine.load = load
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load  # the class's own method again

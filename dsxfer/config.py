@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,15 +34,15 @@ class ModelConfig:
     name_or_path: str | None = _f(None, "HF model name or local folder; empty = the embedded default (multilingual-e5-small)")
     trust_remote_code: bool = _f(False, "allow custom model code from the model folder (off unless you trust it)")
     task: Literal["qa", "classification"] = _f("qa", "task head: extractive QA (start/end) or sentence-pair classification")
-    num_labels: int = _f(2, "classes for the classification head")
-    max_length: int = _f(256, "maximum tokens per feature, soft-prompt virtual tokens included")
-    doc_stride: int = _f(64, "overlap in tokens between windows of a long QA context")
+    num_labels: int = _f(2, "classes for the classification head", ge=2)
+    max_length: int = _f(256, "maximum tokens per feature, soft-prompt virtual tokens included", gt=0)
+    doc_stride: int = _f(64, "overlap in tokens between windows of a long QA context", ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the frozen backbone weights")
 
 
 @dataclass
 class PromptConfig:
-    length: int = _f(16, "soft-prompt virtual tokens prepended to the input (0 disables)")
+    length: int = _f(16, "soft-prompt virtual tokens prepended to the input (0 disables)", ge=0)
     init: Literal["vocab", "text", "random"] = _f("vocab", "initialise from random vocabulary embeddings, from the tokens of init_text, or N(0, 0.02)")
     init_text: str = _f("", "text whose token embeddings initialise the soft prompt (init=text)")
     task_prompt: str | None = _f(None, "load a saved task prompt (a file written by a previous run) and keep it frozen")
@@ -50,27 +51,27 @@ class PromptConfig:
 
 @dataclass
 class InjectionConfig:
-    length: int = _f(8, "prefix key/value vectors injected per chosen layer (0 disables)")
+    length: int = _f(8, "prefix key/value vectors injected per chosen layer (0 disables)", ge=0)
     layers: Union[Literal["all", "top_k"], list[int]] = _f("all", "layers that get a prefix: all, top_k, or a list of layer indices")
-    top_k: int = _f(4, "number of top layers when layers=top_k")
+    top_k: int = _f(4, "number of top layers when layers=top_k", gt=0)
     reparam: bool = _f(True, "produce prefixes through a small MLP (more stable training); merged away at export")
-    reparam_hidden: int = _f(128, "hidden size of the reparameterisation MLP")
+    reparam_hidden: int = _f(128, "hidden size of the reparameterisation MLP", gt=0)
 
 
 @dataclass
 class FreezingConfig:
     strategy: Literal["frozen", "top_k", "bias_only", "layernorm", "embeddings_frozen", "gradual"] = _f(
         "frozen", "which backbone parameters train: none, the top k layers, biases, LayerNorms, all but embeddings, or gradual unfreezing")
-    top_k: int = _f(2, "layers unfrozen from the top for top_k, and the final count for gradual")
-    unfreeze_every: int = _f(100, "gradual: unfreeze one more layer from the top every this many optimizer steps")
+    top_k: int = _f(2, "layers unfrozen from the top for top_k, and the final count for gradual", ge=0)
+    unfreeze_every: int = _f(100, "gradual: unfreeze one more layer from the top every this many optimizer steps", gt=0)
 
 
 @dataclass
 class AdapterConfig:
     lora: bool = _f(False, "add LoRA adapters (through peft) to the named modules")
-    r: int = _f(8, "LoRA rank")
-    alpha: int = _f(16, "LoRA alpha")
-    dropout: float = _f(0.0, "LoRA dropout")
+    r: int = _f(8, "LoRA rank", gt=0)
+    alpha: int = _f(16, "LoRA alpha", gt=0)
+    dropout: float = _f(0.0, "LoRA dropout", ge=0.0, lt=1.0)
     target_modules: list[str] = _f(["query", "value"], "module names that get LoRA (e.g. query, value, q_proj, v_proj)")
 
 
@@ -80,20 +81,20 @@ class AlignmentConfig:
     loss: Literal["cosine", "mse", "infonce", "kl"] = _f("cosine", "alignment loss form")
     level: Literal["pooled", "token"] = _f("pooled", "masked mean-pooled sentence vectors, or token level")
     layers: list[int] = _f([-1], "hidden-state layers compared (negative counts from the top; -1 = last)")
-    temperature: float = _f(0.05, "InfoNCE / KL temperature")
-    weight: float = _f(1.0, "lambda: peak weight of the alignment loss")
-    warmup_steps: int = _f(0, "steps over which lambda rises linearly from 0 to weight")
+    temperature: float = _f(0.05, "InfoNCE / KL temperature", gt=0.0)
+    weight: float = _f(1.0, "lambda: peak weight of the alignment loss", ge=0.0)
+    warmup_steps: int = _f(0, "steps over which lambda rises linearly from 0 to weight", ge=0)
     decay: Literal["none", "linear", "cosine"] = _f("none", "lambda decay after warm-up, to 0 at the last step")
     source_lang: str = _f("eng", "source side of the parallel pairs (Tatoeba ISO 639-3 code)")
     target_langs: list[str] = _f(["deu"], "target sides of the parallel pairs (Tatoeba ISO 639-3 codes)")
     src_file: str | None = _f(None, "your own line-aligned source file (replaces Tatoeba)")
     tgt_file: str | None = _f(None, "your own line-aligned target file (replaces Tatoeba)")
-    max_pairs: int = _f(1000, "parallel pairs used per target language")
-    batch_size: int = _f(16, "parallel pairs per alignment batch")
-    every: int = _f(1, "one alignment batch every this many task micro-batches")
-    max_length: int = _f(64, "maximum tokens of a parallel sentence")
+    max_pairs: int = _f(1000, "parallel pairs used per target language", gt=0)
+    batch_size: int = _f(16, "parallel pairs per alignment batch", gt=0)
+    every: int = _f(1, "one alignment batch every this many task micro-batches", gt=0)
+    max_length: int = _f(64, "maximum tokens of a parallel sentence", gt=0)
     teacher_cache: Literal["memory", "disk"] = _f("memory", "keep teacher vectors in memory, or also on disk (re-used by later runs)")
-    preservation_weight: float = _f(0.0, "weight of the KL between prompted and unprompted outputs on source data (0 = off)")
+    preservation_weight: float = _f(0.0, "weight of the KL between prompted and unprompted outputs on source data (0 = off)", ge=0.0)
 
 
 @dataclass
@@ -102,37 +103,38 @@ class DataConfig:
     train_task: Literal["tydiqa", "mlqa", "xquad", "pawsx"] = _f("tydiqa", "source-language training task")
     source_lang: str = _f("en", "source language of the training data")
     train_files: list[str] = _f([], "your own training files (SQuAD JSON, PAWS-X TSV or JSONL) replacing the task's")
-    max_train_examples: int | None = _f(1000, "cap on source training examples (None = all)")
+    max_train_examples: int | None = _f(1000, "cap on source training examples (None = all)", gt=0)
     shot_task: Literal["mlqa", "xquad", "pawsx", "tydiqa"] = _f("mlqa", "task the k target-language shots come from")
     target_langs: list[str] = _f(["de"], "target languages that get k shots")
-    k_shot: int = _f(0, "labelled target-language examples per language (0 = zero-shot)")
-    dev_examples: int = _f(200, "source-language dev examples for early stopping")
+    k_shot: int = _f(0, "labelled target-language examples per language (0 = zero-shot)", ge=0)
+    dev_examples: int = _f(200, "source-language dev examples for early stopping", ge=0)
     on_error: Literal["raise", "skip"] = _f("raise", "on a bad record: stop with an error, or skip it and report the count and reasons")
     lexicon: str | None = _f(None, "bilingual lexicon TSV (source<TAB>target) for code-switched pseudo data")
     induce_lexicon: bool = _f(False, "induce the lexicon from the parallel pairs by embedding-based word alignment")
-    codeswitch_prob: float = _f(0.0, "probability a source word is replaced by its translation (0 = no pseudo data)")
-    codeswitch_copies: int = _f(1, "code-switched copies added per source example")
+    codeswitch_prob: float = _f(0.0, "probability a source word is replaced by its translation (0 = no pseudo data)", ge=0.0, le=1.0)
+    codeswitch_copies: int = _f(1, "code-switched copies added per source example", ge=0)
     translate_train: list[str] = _f([], "translate-train files added to the training data")
 
 
 @dataclass
 class TrainConfig:
-    seed: int = _f(42, "random seed (data order, initialisation, sampling)")
-    output_dir: str = _f("runs/default", "where checkpoints, TensorBoard logs and the report go")
-    max_steps: int = _f(100, "optimizer steps")
-    lr: float = _f(3e-3, "peak learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
+    seed: int = _f(42, "random seed (data order, initialisation, sampling)", ge=0, le=2**32 - 1)
+    output_dir: str = _f("runs/default", "where checkpoints, TensorBoard logs and the report go (one run per folder, locked while it runs)")
+    overwrite: bool = _f(False, "allow a fresh run in a folder that holds other files or an earlier run's checkpoints (those are deleted)")
+    max_steps: int = _f(100, "optimizer steps", gt=0)
+    lr: float = _f(3e-3, "peak learning rate (AdamW: above 1 it only diverges)", ge=0.0, le=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
     scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate schedule after warm-up")
-    warmup_steps: int = _f(10, "learning-rate warm-up steps")
-    micro_batch_size: int = _f(8, "task examples per micro-batch per rank")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    grad_clip: float = _f(1.0, "clip the gradient norm of trainable parameters (0 = off)")
-    eval_every: int = _f(0, "evaluate on the source-language dev set every this many steps (0 = only at the end)")
-    early_stopping_patience: int = _f(0, "stop after this many evaluations without improvement (0 = off)")
-    max_bad_steps: int = _f(5, "stop after this many steps skipped for a NaN/Inf loss")
-    log_every: int = _f(10, "log scalars every this many steps")
-    save_every: int = _f(0, "checkpoint every this many steps (0 = only at the end)")
-    keep_last: int = _f(2, "checkpoints kept")
+    warmup_steps: int = _f(10, "learning-rate warm-up steps", ge=0)
+    micro_batch_size: int = _f(8, "task examples per micro-batch per rank", gt=0)
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", gt=0)
+    grad_clip: float = _f(1.0, "clip the gradient norm of trainable parameters (0 = off)", ge=0.0)
+    eval_every: int = _f(0, "evaluate on the source-language dev set every this many steps (0 = only at the end)", ge=0)
+    early_stopping_patience: int = _f(0, "stop after this many evaluations without improvement (0 = off)", ge=0)
+    max_bad_steps: int = _f(5, "stop after this many steps skipped for a NaN/Inf loss", ge=0)
+    log_every: int = _f(10, "log scalars every this many steps", gt=0)
+    save_every: int = _f(0, "checkpoint every this many steps (0 = only at the end)", ge=0)
+    keep_last: int = _f(2, "checkpoints kept", gt=0)
     resume: str | None = _f(None, "resume from a checkpoint folder, or 'auto' for the latest complete one")
     tensorboard: bool = _f(True, "write TensorBoard event files under output_dir/tb")
 
@@ -147,10 +149,10 @@ class DeepSpeedConfig:
 class EvalConfig:
     tasks: list[str] = _f(["xquad"], "evaluation tasks: xquad, mlqa, pawsx, tydiqa")
     langs: Union[Literal["all"], list[str]] = _f("all", "languages to evaluate, or all of the task's")
-    max_examples: int | None = _f(None, "evaluate at most this many examples per language (a fixed, seeded subset)")
-    batch_size: int = _f(32, "features per evaluation batch")
-    n_best: int = _f(20, "start/end candidates considered when decoding an answer span")
-    max_answer_length: int = _f(30, "longest answer span in tokens")
+    max_examples: int | None = _f(None, "evaluate at most this many examples per language (a fixed, seeded subset)", gt=0)
+    batch_size: int = _f(32, "features per evaluation batch", gt=0)
+    n_best: int = _f(20, "start/end candidates considered when decoding an answer span", gt=0)
+    max_answer_length: int = _f(30, "longest answer span in tokens", gt=0)
 
 
 @dataclass
@@ -262,33 +264,33 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+_BOUNDS = (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+           ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<="))
+
+
+def _check_numbers(obj: Any, where: str = "") -> None:
+    """Every number is finite and inside the bounds its field states (metadata gt / ge / lt / le)."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, f"{name}.")
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config value {name}={value} is invalid: must be a finite number")
+        for key, holds, sign in _BOUNDS:
+            if key in f.metadata and not holds(value, f.metadata[key]):
+                raise ConfigError(f"config value {name}={value} is invalid: must be {sign} {f.metadata[key]}")
+
+
 def _check_ranges(cfg: ExperimentConfig) -> None:
     """Values that have the right type but cannot work."""
-    positive = {
-        "model.max_length": cfg.model.max_length, "model.num_labels": cfg.model.num_labels,
-        "train.max_steps": cfg.train.max_steps, "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.grad_accum": cfg.train.grad_accum, "alignment.batch_size": cfg.alignment.batch_size,
-        "alignment.every": cfg.alignment.every, "eval.batch_size": cfg.eval.batch_size,
-        "alignment.max_length": cfg.alignment.max_length, "adapters.r": cfg.adapters.r,
-        "train.keep_last": cfg.train.keep_last,
-    }
-    non_negative = {
-        "prompts.length": cfg.prompts.length, "injection.length": cfg.injection.length,
-        "data.k_shot": cfg.data.k_shot, "train.warmup_steps": cfg.train.warmup_steps,
-        "alignment.weight": cfg.alignment.weight, "train.lr": cfg.train.lr,
-        "alignment.preservation_weight": cfg.alignment.preservation_weight,
-        "train.eval_every": cfg.train.eval_every, "train.save_every": cfg.train.save_every,
-    }
-    for name, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"config value {name}={v} is invalid: must be > 0")
-    for name, v in non_negative.items():
-        if v < 0:
-            raise ConfigError(f"config value {name}={v} is invalid: must be >= 0")
-    if not 0.0 <= cfg.data.codeswitch_prob <= 1.0:
-        raise ConfigError(f"config value data.codeswitch_prob={cfg.data.codeswitch_prob} is invalid: must be in [0, 1]")
-    if cfg.alignment.temperature <= 0:
-        raise ConfigError(f"config value alignment.temperature={cfg.alignment.temperature} is invalid: must be > 0")
+    _check_numbers(cfg)
+    out = cfg.train.output_dir.strip()
+    if not out or Path(out).expanduser().resolve() == Path("/"):
+        raise ConfigError(f"config value train.output_dir={cfg.train.output_dir!r} is invalid: "
+                          "name a folder for this run (e.g. runs/my-run), not an empty or root path")
     if cfg.model.doc_stride >= cfg.model.max_length:
         raise ConfigError(
             f"config value model.doc_stride={cfg.model.doc_stride} is invalid: must be smaller than model.max_length={cfg.model.max_length}")
@@ -361,5 +363,7 @@ def field_help(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str
             rows += field_help(tp, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+            bounds = ", ".join(f"{sign} {f.metadata[key]}" for key, _, sign in _BOUNDS if key in f.metadata)
+            text = f.metadata.get("help", "") + (f"; {bounds}" if bounds else "")
+            rows.append((f"{prefix}{f.name}", repr(default), text))
     return rows

@@ -89,6 +89,15 @@ def all_ranks_max(value: float) -> float:
     return float(t.item())
 
 
+def broadcast_text(text: str) -> str:
+    """Rank 0's `text` on every rank (every rank must call it)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return text
+    box = [text]
+    torch.distributed.broadcast_object_list(box, src=0, device=_comm_device())
+    return box[0]
+
+
 def _comm_device() -> torch.device:
     if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -311,6 +320,17 @@ def gathered_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
             return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+
+
+def trainable_is_finite(module: nn.Module) -> bool:
+    """True when no trainable value is NaN/Inf on any rank: one all-reduce of a flag, no copies.
+
+    Each rank looks at what it holds: the full parameters under ZeRO 0-2, its own shard under ZeRO-3.
+    """
+    local = [getattr(p, "ds_tensor", p) for _, p in trainable_parameters(module)]
+    flags = [torch.isfinite(t).all() for t in local if t.numel()]
+    finite = bool(torch.stack(flags).all()) if flags else True  # one device sync
+    return all_ranks_max(0.0 if finite else 1.0) == 0.0
 
 
 def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:

@@ -297,15 +297,37 @@ class TransferModel(nn.Module):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _alignment(self, batch: dict) -> torch.Tensor:
+    def _alignment(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alignment loss, mean cosine of the pooled student and teacher vectors) on a pair batch.
+
+        The cosine is what the training log and TensorBoard report per language: it is read off the
+        student states of this very forward, so no later call can stand in for them.
+        """
+        from dsxfer.kernels import masked_mean_pool
+
         teacher = self.teacher_vectors(batch)
         out, n = self._encode(batch["align_tgt_input_ids"], batch["align_tgt_attention_mask"], None,
                               prompted=True, hidden_states=True)
         mask = batch["align_tgt_attention_mask"]
         a = self.cfg.alignment
-        losses = [align.alignment_loss(h[:, n:], mask, teacher[:, j], loss=a.loss, level=a.level, temperature=a.temperature)
-                  for j, h in enumerate(self._layer_states(out))]
-        return torch.stack(losses).mean()
+        states = [h[:, n:] for h in self._layer_states(out)]  # real target tokens only
+        losses = [align.alignment_loss(h, mask, teacher[:, j], loss=a.loss, level=a.level, temperature=a.temperature)
+                  for j, h in enumerate(states)]
+        with torch.no_grad():
+            cosine = torch.stack([F.cosine_similarity(masked_mean_pool(h.detach().float(), mask), teacher[:, j].float(), dim=-1).mean()
+                                  for j, h in enumerate(states)]).mean()
+        return torch.stack(losses).mean(), cosine
+
+    @torch.no_grad()
+    def alignment_cosine(self, batch: dict) -> float:
+        """Mean cosine between the prompted student's pooled target vectors and the frozen teacher's source
+        ones on a pair batch (eval mode). Every rank calls it under ZeRO-3, as any forward."""
+        was_training = self.training
+        self.eval()
+        try:
+            return float(self(batch)["align_cosine"])
+        finally:
+            self.train(was_training)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         device = batch_device(batch)
@@ -322,7 +344,7 @@ class TransferModel(nn.Module):
                 preserve_loss = self._preservation(batch, outputs)
         weight = self.alignment_weight() if self.cfg.alignment.enabled else 0.0
         if "align_tgt_input_ids" in batch and self.cfg.alignment.enabled:
-            align_loss = self._alignment(batch)
+            align_loss, result["align_cosine"] = self._alignment(batch)
         total = task_loss + weight * align_loss + self.cfg.alignment.preservation_weight * preserve_loss
         result.update(loss=total, task_loss=task_loss,
                       align_loss=align_loss, preserve_loss=preserve_loss,

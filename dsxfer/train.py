@@ -24,6 +24,8 @@ import torch
 
 from dsxfer import checkpoint as ckpt
 from dsxfer import engine as eng
+from dsxfer import runfolder
+from dsxfer.data.readers import format_skip_report
 from dsxfer.errors import ConfigError, DsxferError
 
 # Nominal peak FLOP/s for the MFU estimate. GPU: H100 SXM dense bf16 (989 TFLOP/s). CPU: 96 GFLOP/s per
@@ -50,6 +52,8 @@ class TrainData:
     align: Batches | None = None              # parallel pairs -> align_src_* / align_tgt_* / align_pair_ids
     align_probes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # lang -> fixed pair batch
     dev_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None  # source dev set; "f1" or "accuracy"
+    notes: list[str] = field(default_factory=list)         # what data assembly derived or dropped, for train.log
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # bad records left out: reason, count, example
 
 
 class DataOrder:
@@ -97,38 +101,6 @@ def _numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
-@torch.no_grad()
-def alignment_cosine(module: torch.nn.Module, probe: dict[str, torch.Tensor]) -> float:
-    """Mean cosine between the prompted student's pooled target vectors and the frozen teacher's source ones.
-
-    The model's forward on an alignment-only batch runs the student last; a hook on the backbone keeps
-    that call's hidden states, so this works unchanged under ZeRO-3 (the forward gathers as usual).
-    """
-    from dsxfer.kernels import masked_mean_pool
-
-    captured = {}
-
-    def keep(_module, _args, output):
-        captured["hidden_states"] = output.hidden_states
-
-    was_training = module.training
-    module.eval()
-    handle = module.backbone.register_forward_hook(keep)
-    try:
-        module(probe)
-    finally:
-        handle.remove()
-        module.train(was_training)
-    teacher = module.teacher_vectors(probe)  # cached by the forward above: no extra backbone call
-    n = module.num_virtual_tokens
-    mask = probe["align_tgt_attention_mask"]
-    layers = module.cfg.alignment.layers
-    cos = [torch.nn.functional.cosine_similarity(
-        masked_mean_pool(captured["hidden_states"][layer][:, n:].float(), mask), teacher[:, j].float(), dim=-1).mean()
-        for j, layer in enumerate(layers)]
-    return float(torch.stack(cos).mean())
-
-
 class Log:
     """Rank 0 writes: a text log (stdout + <output_dir>/train.log) and TensorBoard scalars."""
 
@@ -173,8 +145,20 @@ def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = 
     """Train `model` (a TransferModel) on `data` as `cfg` says; returns a summary of the run.
 
     Every rank calls this. Writes <output_dir>/config.yaml, trainable.safetensors (the best dev
-    checkpoint when dev evaluation ran, else the last), train.log, tb/ and checkpoints/.
+    checkpoint when dev evaluation ran, else the last), train.log, tb/ and checkpoints/. The run folder
+    is locked for the run (dsxfer.runfolder); an OSError on it becomes one line naming the path.
     """
+    out_dir = Path(cfg.train.output_dir)
+    eng.init_distributed()
+    say = print if eng.rank() == 0 else (lambda *_: None)
+    with runfolder.hold(out_dir, overwrite=cfg.train.overwrite, resume=cfg.train.resume, log=say):
+        try:
+            return _run(cfg, model, data, quiet=quiet)
+        except OSError as e:
+            raise runfolder.output_error(out_dir, e, "write") from None
+
+
+def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[str, Any]:
     t_cfg = cfg.train
     out_dir = Path(t_cfg.output_dir)
     info = eng.init_distributed()
@@ -186,24 +170,26 @@ def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = 
                           "use deepspeed.config=ds_configs/zero0.json (the frozen backbone is still not in the optimizer)")
     if data.task is None and data.align is None:
         raise ConfigError("nothing to train on: no task data and no parallel pairs")
+    if (data.task is not None and data.task.n == 0) or (data.align is not None and data.align.n == 0):
+        raise ConfigError("nothing to train on: the training data holds no features (check data.train_files / data.train_task)")
+    # --- where we start: fresh, or from the latest complete checkpoint (before the engine: fail fast)
+    resume_from = ckpt.resolve_resume(out_dir, t_cfg.resume, log=print if rank == 0 else (lambda *_: None))
     engine, _, _ = eng.initialize(model, cfg, ds)
     module = engine.module
     device = engine.device
 
-    # --- where we start: fresh, or from the latest complete checkpoint
     state: dict[str, Any] = {"task_pos": 0, "align_pos": 0, "micro": 0, "bad_steps": 0,
                              "best_score": None, "evals_without_improvement": 0, "best_step": None}
-    resume_from = ckpt.resolve_resume(out_dir, t_cfg.resume, log=print if rank == 0 else (lambda *_: None))
     if resume_from is not None:
         state.update({k: v for k, v in ckpt.load(engine, resume_from).items() if k in state})
     step = engine.global_steps
     module.set_step(step)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     task_order = DataOrder(data.task.n, t_cfg.seed, state["task_pos"]) if data.task else None
     align_on = data.align is not None and cfg.alignment.enabled
     align_order = DataOrder(data.align.n, t_cfg.seed + 1, state["align_pos"]) if align_on else None
+    teacher_cache = getattr(module, "teacher_cache", None)
 
     bar = None
     if rank == 0 and not quiet:
@@ -211,150 +197,174 @@ def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = 
 
         bar = tqdm(total=t_cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     log = Log(out_dir, rank == 0, t_cfg.tensorboard, bar)
-    # embedding tables are looked up, not multiplied: like nanoGPT, MFU counts the other parameters
-    backbone_params = sum(_numel(p) for n, p in module.backbone.named_parameters() if "embed" not in n)
-    peak = nominal_peak_flops()
-    if resume_from is not None:
-        log.line(f"resumed from {resume_from} at step {step}")
-    log.line(f"world size {world} (rank {info['rank']}), ZeRO-{eng.zero_stage(ds)}, precision {cfg.deepspeed.precision}, "
-             f"micro batch {t_cfg.micro_batch_size} x accumulation {t_cfg.grad_accum}; "
-             f"MFU counts 4 x {backbone_params:,} non-embedding backbone params x tokens against a nominal {peak / 1e12:.2f} TFLOP/s")
+    try:
+        # embedding tables are looked up, not multiplied: like nanoGPT, MFU counts the other parameters
+        backbone_params = sum(_numel(p) for n, p in module.backbone.named_parameters() if "embed" not in n)
+        peak = nominal_peak_flops()
+        if resume_from is not None:
+            log.line(f"resumed from {resume_from} at step {step}")
+        for note in data.notes:
+            log.line(note)
+        if data.skipped:
+            log.line(f"skipped {sum(g['count'] for g in data.skipped)} bad record(s) (data.on_error=skip): "
+                     f"{format_skip_report(data.skipped)}")
+        log.line(f"world size {world} (rank {info['rank']}), ZeRO-{eng.zero_stage(ds)}, precision {cfg.deepspeed.precision}, "
+                 f"micro batch {t_cfg.micro_batch_size} x accumulation {t_cfg.grad_accum}; "
+                 f"MFU counts 4 x {backbone_params:,} non-embedding backbone params x tokens against a nominal {peak / 1e12:.2f} TFLOP/s")
 
-    sums: dict[str, float] = {}
-    window = {"samples": 0, "tokens": 0, "micro": 0, "t0": time.perf_counter()}
-    grad_norm = None
-    stopped = "max_steps"
-    engine.train()
-    while step < t_cfg.max_steps:
-        # --- one micro-batch: task examples, plus parallel pairs every `alignment.every` micro-batches
-        batch: dict[str, torch.Tensor] = {}
-        if task_order is not None:
-            batch.update(data.task.make(task_order.next(t_cfg.micro_batch_size, rank, world)))
-        if align_order is not None and state["micro"] % cfg.alignment.every == 0:
-            batch.update(data.align.make(align_order.next(cfg.alignment.batch_size, rank, world)))
-        state["micro"] += 1
-        if not batch:
-            continue
-        batch = _to(batch, device)
-        out = engine(batch)
-        loss = out["loss"]
-
-        # --- NaN/Inf guard: every rank must agree, or one would step while another skips
-        if eng.all_ranks_max(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0) > 0:
-            state["bad_steps"] += 1
-            log.line(f"step {step}: non-finite loss ({float(loss.detach()):.4g}), micro-batch skipped "
-                     f"({state['bad_steps']} of at most {t_cfg.max_bad_steps})")
-            log.scalars(step, {"train/bad_steps": state["bad_steps"]})
-            if state["bad_steps"] > t_cfg.max_bad_steps:
-                log.close()
-                if bar is not None:
-                    bar.close()
-                raise TrainingDiverged(f"training stopped at step {step}: {state['bad_steps']} micro-batches with a non-finite loss "
-                                       f"(train.max_bad_steps={t_cfg.max_bad_steps}); lower train.lr or check the data")
-            continue
-
-        boundary = engine.is_gradient_accumulation_boundary()
-        engine.backward(loss)
-        before = eng.grad_norm_before_step(engine) if boundary else None
-        lr_used = engine.get_lr()[0]  # the LR this optimizer step applies (the scheduler moves on in step())
-        engine.step()
-        if boundary:
-            grad_norm = eng.global_grad_norm(engine, before)
-
-        for key in ("loss", "task_loss", "align_loss", "preserve_loss"):
-            sums[key] = sums.get(key, 0.0) + float(out[key].detach())
-        window["micro"] += 1
-        if "input_ids" in batch:
-            window["samples"] += batch["input_ids"].shape[0] * world
-            window["tokens"] += int(batch["attention_mask"].sum()) * world
-        if "align_tgt_input_ids" in batch:
-            window["tokens"] += int(batch["align_tgt_attention_mask"].sum() + batch["align_src_attention_mask"].sum()) * world
-        if engine.global_steps == step:
-            continue
-
-        # --- an optimizer step happened
-        step = engine.global_steps
-        module.set_step(step)
-        if bar is not None:
-            bar.update(1)
-        if unfreezer is not None:
-            new = unfreezer.step(step)
-            if new:
-                eng.add_trainable(engine, new)
-                log.line(f"step {step}: unfroze {len(new)} backbone tensors (gradual unfreezing)")
-        last = step >= t_cfg.max_steps
-
-        if step % t_cfg.log_every == 0 or last:
-            elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-            n = max(window["micro"], 1)
-            tokens_per_s = window["tokens"] / elapsed
-            scalars = {f"loss/{k.removesuffix('_loss') if k != 'loss' else 'total'}": v / n for k, v in sums.items()}
-            scalars.update({
-                "align/lambda": float(out["align_weight"]) if "align_weight" in out else 0.0,  # used by this step
-                "lr": lr_used,
-                "grad_norm": grad_norm,
-                "throughput/samples_per_s": window["samples"] / elapsed,
-                "throughput/tokens_per_s": tokens_per_s,
-                "throughput/mfu": 4.0 * backbone_params * tokens_per_s / peak,
-                "memory/peak_mb": peak_memory_mb(),
-            })
-            for lang, probe in data.align_probes.items():
-                scalars[f"align/cosine/{lang}"] = alignment_cosine(module, _to(probe, device))
-            log.scalars(step, scalars)
-            log.line(f"step {step} | loss {scalars['loss/total']:.4f} (task {scalars.get('loss/task', 0):.4f}, "
-                     f"align {scalars.get('loss/align', 0):.4f}, lambda {scalars['align/lambda']:.3g}) | lr {scalars['lr']:.3g} | "
-                     f"grad norm {grad_norm if grad_norm is not None else float('nan'):.3g} | "
-                     f"{scalars['throughput/samples_per_s']:.2f} samples/s, {tokens_per_s:.0f} tokens/s, "
-                     f"MFU {100 * scalars['throughput/mfu']:.2f}% | peak memory {scalars['memory/peak_mb']:.0f} MB"
-                     + "".join(f" | cos {k} {scalars[f'align/cosine/{k}']:.3f}" for k in data.align_probes))
-            sums.clear()
-            window.update(samples=0, tokens=0, micro=0, t0=time.perf_counter())
-
-        # --- evaluation on the source-language dev set, early stopping on it
-        stop_early = False
-        if data.dev_eval is not None and ((t_cfg.eval_every and step % t_cfg.eval_every == 0) or last):
-            module.eval()
-            with torch.no_grad():
-                metrics = data.dev_eval(module)
-            engine.train()
-            score = metrics.get("f1", metrics.get("accuracy"))
-            log.scalars(step, {f"dev/{k}": v for k, v in metrics.items()})
-            improved = state["best_score"] is None or score > state["best_score"]
-            if improved:
-                state.update(best_score=score, best_step=step, evals_without_improvement=0)
-                _save_trainable(module, out_dir, rank)
-            else:
-                state["evals_without_improvement"] += 1
-            log.line(f"step {step} | source dev {', '.join(f'{k} {v:.2f}' for k, v in metrics.items())}"
-                     f" | best {state['best_score']:.2f} at step {state['best_step']}")
-            patience = t_cfg.early_stopping_patience
-            if patience and state["evals_without_improvement"] >= patience:
-                stop_early = True
-                stopped = "early_stopping"
-                log.line(f"early stopping at step {step}: no dev improvement in {patience} evaluations")
-
-        # --- checkpoint (periodic and final)
-        if (t_cfg.save_every and step % t_cfg.save_every == 0) or last or stop_early:
+        def checkpoint(step: int) -> Path:
             state["task_pos"] = task_order.pos if task_order else 0
             state["align_pos"] = align_order.pos if align_order else 0
             path = ckpt.save(engine, out_dir, step, state, t_cfg.keep_last)
-            log.line(f"step {step} | checkpoint {path}")
-        if stop_early:
-            break
+            if teacher_cache is not None:
+                teacher_cache.flush()
+            return path
 
-    if bar is not None:
-        bar.close()
-    if state["best_step"] is None:  # no dev evaluation: the last weights are the result
-        _save_trainable(module, out_dir, rank)
-    log.line(f"done: {stopped} at step {step}; trainable weights in {out_dir / 'trainable.safetensors'}, "
-             f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
-    log.close()
+        sums: dict[str, float] = {}
+        window = {"samples": 0, "tokens": 0, "micro": 0, "t0": time.perf_counter()}
+        grad_norm = None
+        stopped = "max_steps"
+        engine.train()
+        while step < t_cfg.max_steps:
+            # --- one micro-batch: task examples, plus parallel pairs every `alignment.every` micro-batches
+            batch: dict[str, torch.Tensor] = {}
+            if task_order is not None:
+                batch.update(data.task.make(task_order.next(t_cfg.micro_batch_size, rank, world)))
+            if align_order is not None and state["micro"] % cfg.alignment.every == 0:
+                batch.update(data.align.make(align_order.next(cfg.alignment.batch_size, rank, world)))
+            state["micro"] += 1
+            if not batch:
+                continue
+            batch = _to(batch, device)
+            out = engine(batch)
+            loss = out["loss"]
+
+            # --- NaN/Inf guard: every rank must agree, or one would step while another skips
+            if eng.all_ranks_max(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0) > 0:
+                state["bad_steps"] += 1
+                log.line(f"step {step}: non-finite loss ({float(loss.detach()):.4g}), micro-batch skipped "
+                         f"({state['bad_steps']} of at most {t_cfg.max_bad_steps})")
+                log.scalars(step, {"train/bad_steps": state["bad_steps"]})
+                if state["bad_steps"] > t_cfg.max_bad_steps:
+                    raise TrainingDiverged(f"training stopped at step {step}: {state['bad_steps']} micro-batches with a non-finite loss "
+                                           f"(train.max_bad_steps={t_cfg.max_bad_steps}); {_last_good(out_dir)}; lower train.lr or check the data")
+                continue
+
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(loss)
+            before = eng.grad_norm_before_step(engine) if boundary else None
+            lr_used = engine.get_lr()[0]  # the LR this optimizer step applies (the scheduler moves on in step())
+            engine.step()
+            if boundary:
+                grad_norm = eng.global_grad_norm(engine, before)
+                # a step that made a weight NaN/Inf stops the run before anything of it is saved
+                if not eng.trainable_is_finite(engine.module):
+                    raise TrainingDiverged(f"training stopped at step {engine.global_steps}: the optimizer step (lr {lr_used:.3g}) left "
+                                           f"NaN/Inf values in the trainable parameters, nothing of it was saved; {_last_good(out_dir)}; "
+                                           "lower train.lr or check the data")
+
+            for key in ("loss", "task_loss", "align_loss", "preserve_loss"):
+                sums[key] = sums.get(key, 0.0) + float(out[key].detach())
+            window["micro"] += 1
+            if "input_ids" in batch:
+                window["samples"] += batch["input_ids"].shape[0] * world
+                window["tokens"] += int(batch["attention_mask"].sum()) * world
+            if "align_tgt_input_ids" in batch:
+                window["tokens"] += int(batch["align_tgt_attention_mask"].sum() + batch["align_src_attention_mask"].sum()) * world
+            if engine.global_steps == step:
+                continue
+
+            # --- an optimizer step happened
+            step = engine.global_steps
+            module.set_step(step)
+            if bar is not None:
+                bar.update(1)
+            if unfreezer is not None:
+                new = unfreezer.step(step)
+                if new:
+                    eng.add_trainable(engine, new)
+                    log.line(f"step {step}: unfroze {len(new)} backbone tensors (gradual unfreezing)")
+            last = step >= t_cfg.max_steps
+
+            if step % t_cfg.log_every == 0 or last:
+                elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+                n = max(window["micro"], 1)
+                tokens_per_s = window["tokens"] / elapsed
+                scalars = {f"loss/{k.removesuffix('_loss') if k != 'loss' else 'total'}": v / n for k, v in sums.items()}
+                scalars.update({
+                    "align/lambda": float(out["align_weight"]) if "align_weight" in out else 0.0,  # used by this step
+                    "lr": lr_used,
+                    "grad_norm": grad_norm,
+                    "throughput/samples_per_s": window["samples"] / elapsed,
+                    "throughput/tokens_per_s": tokens_per_s,
+                    "throughput/mfu": 4.0 * backbone_params * tokens_per_s / peak,
+                    "memory/peak_mb": peak_memory_mb(),
+                })
+                for lang, probe in data.align_probes.items():
+                    scalars[f"align/cosine/{lang}"] = module.alignment_cosine(_to(probe, device))
+                log.scalars(step, scalars)
+                log.line(f"step {step} | loss {scalars['loss/total']:.4f} (task {scalars.get('loss/task', 0):.4f}, "
+                         f"align {scalars.get('loss/align', 0):.4f}, lambda {scalars['align/lambda']:.3g}) | lr {scalars['lr']:.3g} | "
+                         f"grad norm {grad_norm if grad_norm is not None else float('nan'):.3g} | "
+                         f"{scalars['throughput/samples_per_s']:.2f} samples/s, {tokens_per_s:.0f} tokens/s, "
+                         f"MFU {100 * scalars['throughput/mfu']:.2f}% | peak memory {scalars['memory/peak_mb']:.0f} MB"
+                         + "".join(f" | cos {k} {scalars[f'align/cosine/{k}']:.3f}" for k in data.align_probes))
+                sums.clear()
+                window.update(samples=0, tokens=0, micro=0, t0=time.perf_counter())
+
+            # --- evaluation on the source-language dev set, early stopping on it
+            stop_early = False
+            if data.dev_eval is not None and ((t_cfg.eval_every and step % t_cfg.eval_every == 0) or last):
+                module.eval()
+                with torch.no_grad():
+                    metrics = data.dev_eval(module)
+                engine.train()
+                score = metrics.get("f1", metrics.get("accuracy"))
+                log.scalars(step, {f"dev/{k}": v for k, v in metrics.items()})
+                improved = state["best_score"] is None or score > state["best_score"]
+                if improved:
+                    state.update(best_score=score, best_step=step, evals_without_improvement=0)
+                    _save_trainable(module, out_dir, rank)
+                else:
+                    state["evals_without_improvement"] += 1
+                log.line(f"step {step} | source dev {', '.join(f'{k} {v:.2f}' for k, v in metrics.items())}"
+                         f" | best {state['best_score']:.2f} at step {state['best_step']}")
+                patience = t_cfg.early_stopping_patience
+                if patience and state["evals_without_improvement"] >= patience:
+                    stop_early = True
+                    stopped = "early_stopping"
+                    log.line(f"early stopping at step {step}: no dev improvement in {patience} evaluations")
+
+            # --- checkpoint (periodic and final)
+            if (t_cfg.save_every and step % t_cfg.save_every == 0) or last or stop_early:
+                log.line(f"step {step} | checkpoint {checkpoint(step)}")
+            if stop_early:
+                break
+
+        if state["best_step"] is None:  # no dev evaluation: the last weights are the result
+            _save_trainable(module, out_dir, rank)
+        if teacher_cache is not None:
+            teacher_cache.flush()
+        log.line(f"done: {stopped} at step {step}; trainable weights in {out_dir / 'trainable.safetensors'}, "
+                 f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
+    except DsxferError as e:
+        log.line(f"error: {e}")  # the log of a failed run says why it ended
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
     summary = {"step": step, "stopped": stopped, "bad_steps": state["bad_steps"], "best_dev": state["best_score"],
-               "best_step": state["best_step"], "output_dir": str(out_dir)}
+               "best_step": state["best_step"], "output_dir": str(out_dir), "skipped_records": data.skipped}
     if rank == 0:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     eng.barrier()
     return summary
+
+
+def _last_good(out_dir: Path) -> str:
+    good = ckpt.complete_checkpoints(out_dir)
+    return f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written before"
 
 
 def _save_trainable(module: torch.nn.Module, out_dir: Path, rank: int) -> None:
@@ -362,6 +372,7 @@ def _save_trainable(module: torch.nn.Module, out_dir: Path, rank: int) -> None:
     from safetensors.torch import save_file
 
     state = eng.gathered_trainable_state(module)  # every rank joins the gather
+    ckpt.check_finite(state, str(out_dir / "trainable.safetensors"))
     if rank == 0:
         tmp = out_dir / ".trainable.safetensors.tmp"
         save_file(state, str(tmp))
@@ -383,18 +394,25 @@ def stable_pair_id(text_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(text_id.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
-def _parallel_pairs(cfg) -> dict[str, list]:
+def _kept(records, skipped: list) -> list:
+    """The good records of a reader's result; what it skipped goes to `skipped` (for train.log / the summary)."""
+    skipped.extend(records.skipped)
+    return list(records)
+
+
+def _parallel_pairs(cfg, skipped: list) -> dict[str, list]:
     """Parallel pairs per target language: the user's src/tgt files, else Tatoeba (alignment.* fields)."""
     from dsxfer.data.readers import read_parallel
     from dsxfer.data.tasks import tatoeba_pairs
 
     a, d = cfg.alignment, cfg.data
     if a.src_file:
-        return {"custom": list(read_parallel(a.src_file, a.tgt_file, "custom", on_error=d.on_error))[: a.max_pairs]}
-    return {lang: list(tatoeba_pairs(lang, d.data_dir, max_pairs=a.max_pairs, on_error=d.on_error)) for lang in a.target_langs}
+        return {"custom": _kept(read_parallel(a.src_file, a.tgt_file, "custom", on_error=d.on_error), skipped)[: a.max_pairs]}
+    return {lang: _kept(tatoeba_pairs(lang, d.data_dir, max_pairs=a.max_pairs, on_error=d.on_error), skipped)
+            for lang in a.target_langs}
 
 
-def _source_examples(cfg) -> tuple[list, list]:
+def _source_examples(cfg, skipped: list, notes: list) -> tuple[list, list]:
     """(training pool, held-out source dev set) of the source language.
 
     XTREME's TyDi QA GoldP dev ships without answers, so the source dev set for early stopping is a
@@ -410,27 +428,35 @@ def _source_examples(cfg) -> tuple[list, list]:
         items = []
         for f in d.train_files:
             if f.endswith(".jsonl"):
-                items += list(read_jsonl(f, kind, d.source_lang, on_error=d.on_error))
+                items += _kept(read_jsonl(f, kind, d.source_lang, on_error=d.on_error), skipped)
             elif kind == "qa":
-                items += list(read_squad_json(f, d.source_lang, on_error=d.on_error))
+                items += _kept(read_squad_json(f, d.source_lang, on_error=d.on_error), skipped)
             else:
-                items += list(read_pawsx_tsv(f, d.source_lang, on_error=d.on_error))
+                items += _kept(read_pawsx_tsv(f, d.source_lang, on_error=d.on_error), skipped)
     else:
         spec = get_task(d.train_task)
         if spec.kind != kind:
             raise ConfigError(f"config value data.train_task={d.train_task} is a {spec.kind} task but model.task={kind}; make them agree")
         split = "train" if d.train_task == "tydiqa" else None
-        items = list(load_task(d.train_task, d.source_lang, split, data_dir=d.data_dir, on_error=d.on_error))
+        items = _kept(load_task(d.train_task, d.source_lang, split, data_dir=d.data_dir, on_error=d.on_error), skipped)
     import random
 
     ids = sorted({ex.id for ex in items})
     n_dev = min(d.dev_examples, len(ids) // 5)  # never more than a fifth of the pool
+    if n_dev < d.dev_examples:
+        notes.append(f"source dev set: {n_dev} of the data.dev_examples={d.dev_examples} questions held out "
+                     f"(at most a fifth of the {len(ids)} source questions)")
     dev_ids = set(random.Random(f"{cfg.train.seed}:dev").sample(ids, n_dev)) if n_dev else set()
     pool = [ex for ex in items if ex.id not in dev_ids]
     dev = [ex for ex in items if ex.id in dev_ids]
     if d.max_train_examples is not None and len(pool) > d.max_train_examples:
+        notes.append(f"source training pool: {d.max_train_examples} of {len(pool)} questions (data.max_train_examples; "
+                     f"{len(dev)} more are the source dev set)")
         keep = set(random.Random(f"{cfg.train.seed}:train").sample(sorted(ex.id for ex in pool), d.max_train_examples))
         pool = [ex for ex in pool if ex.id in keep]
+    elif d.max_train_examples is not None:
+        notes.append(f"source training pool: all {len(pool)} questions (data.max_train_examples={d.max_train_examples} "
+                     f"is more than the {len(ids)} in the file minus the {len(dev)} of the source dev set)")
     return pool, dev
 
 
@@ -454,9 +480,13 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
     from dsxfer.data.sampling import sample_k_shot
     from dsxfer.data.tasks import check_no_overlap, load_task
 
+    from dsxfer.data.readers import skip_report
+
     d, a = cfg.data, cfg.alignment
     reserved = int(model.num_virtual_tokens)
-    pool, dev = _source_examples(cfg)
+    skipped: list = []
+    notes: list[str] = []
+    pool, dev = _source_examples(cfg, skipped, notes)
 
     # --- k target-language shots, never drawn from rows of an evaluation set
     evals = _eval_examples(cfg)
@@ -477,11 +507,11 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
     shots: dict[str, list] = {}
     if d.k_shot > 0:
         for lang in d.target_langs:
-            shot_pool = list(load_task(d.shot_task, lang, data_dir=d.data_dir, on_error=d.on_error))
+            shot_pool = _kept(load_task(d.shot_task, lang, data_dir=d.data_dir, on_error=d.on_error), skipped)
             banned = [ex.id for key, exs in evals.items() if key.startswith(f"{d.shot_task}/") for ex in exs]
             shots[lang] = sample_k_shot(shot_pool, d.k_shot, cfg.train.seed, lang=lang, exclude=banned,
                                         balanced=cfg.model.task == "classification")
-    pairs_by_lang = _parallel_pairs(cfg) if a.enabled or d.induce_lexicon else {}
+    pairs_by_lang = _parallel_pairs(cfg, skipped) if a.enabled or d.induce_lexicon else {}
     # --- pseudo data: code-switched copies of source examples, translate-train files
     from dsxfer.augment import pseudo_training_data
 
@@ -562,7 +592,9 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
         f"{sum(len(v) for v in shots.values())} target shots ({d.k_shot} per language from {d.shot_task}: "
         f"{', '.join(shots) or 'none'}) -> {task.n} features; {len(dev)} held-out source dev examples; "
         f"{n_pairs} parallel pairs; no overlap with {', '.join(evals) or 'no evaluation set'}")
-    return TrainData(task=task, align=align, align_probes=probes, dev_eval=dev_eval), used
+    report = skip_report(skipped)
+    used["skipped_records"] = report
+    return TrainData(task=task, align=align, align_probes=probes, dev_eval=dev_eval, notes=notes, skipped=report), used
 
 
 def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
@@ -572,20 +604,25 @@ def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
 
     info = eng.init_distributed()
     ds = eng.build_ds_config(cfg, eng.world_size())
-    with eng.zero3_construction(ds):  # under ZeRO-3 the backbone is partitioned while it loads
-        model = build_transfer_model(cfg)
     rank0 = eng.rank() == 0
     say = print if rank0 else (lambda *_: None)
-    if rank0:
-        say(model.summary())
-    data, used = build_train_data(cfg, model, model.tokenizer, log=say)
     out_dir = Path(cfg.train.output_dir)
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_shots(out_dir / "shots.json", used["shots"], task=cfg.data.shot_task, k=cfg.data.k_shot, seed=cfg.train.seed)
-        (out_dir / "source_dev_ids.json").write_text(json.dumps(used["source_dev_ids"]))
-        if used["test_rows"]:  # rows the run never trained on: `dsxfer eval --run_dir` evaluates on these only
-            (out_dir / "test_rows.json").write_text(json.dumps(used["test_rows"]))
-    summary = run_training(cfg, model, data, quiet=quiet)
-    summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids", "test_rows")}, rank=info["rank"])
+    # the run folder is taken first: a second run on it, or someone else's files in it, stop us before any work
+    with runfolder.hold(out_dir, overwrite=cfg.train.overwrite, resume=cfg.train.resume, log=say):
+        with eng.zero3_construction(ds):  # under ZeRO-3 the backbone is partitioned while it loads
+            model = build_transfer_model(cfg)
+        if rank0:
+            say(model.summary())
+        data, used = build_train_data(cfg, model, model.tokenizer, log=say)
+        if rank0:
+            try:
+                save_shots(out_dir / "shots.json", used["shots"], task=cfg.data.shot_task, k=cfg.data.k_shot, seed=cfg.train.seed)
+                (out_dir / "source_dev_ids.json").write_text(json.dumps(used["source_dev_ids"]))
+                if used["test_rows"]:  # rows the run never trained on: `dsxfer eval --run_dir` evaluates on these only
+                    (out_dir / "test_rows.json").write_text(json.dumps(used["test_rows"]))
+            except OSError as e:
+                raise runfolder.output_error(out_dir, e, "write") from None
+        summary = run_training(cfg, model, data, quiet=quiet)
+    summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids", "test_rows", "skipped_records")},
+                   rank=info["rank"])
     return summary

@@ -71,9 +71,11 @@ def test_keep_last_and_corruption_fallback(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="corrupted"):
         ckpt.resolve_resume(tmp_path, str(paths[-1]))
 
-    # a folder without a manifest (what a crash mid-write would look like if it had been renamed) is refused
+    # a folder without a manifest (what a crash mid-write would look like if it had been renamed) is refused;
+    # with no checkpoint left that verifies, auto-resume stops instead of starting over
     (paths[0] / "manifest.json").unlink()
-    assert ckpt.resolve_resume(tmp_path, "auto", log=warnings.append) is None
+    with pytest.raises(ckpt.CheckpointError, match="none of the 2 checkpoint.*verifies.*train.resume=null"):
+        ckpt.resolve_resume(tmp_path, "auto", log=warnings.append)
     assert "incomplete" in warnings[-1]
 
 

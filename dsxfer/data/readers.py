@@ -17,6 +17,7 @@ and `map` are wanted.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -68,11 +69,13 @@ class ParallelPair:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A record left out under on_error=skip, with where and why."""
+    """A record left out under on_error=skip: where, why (`reason`, without the record's text, so equal
+    faults group together) and the full message with the record's values (`detail`)."""
 
     file: str
     where: str
     reason: str
+    detail: str = ""
 
 
 @dataclass
@@ -100,6 +103,24 @@ class Records(Generic[T]):
             counts[s.reason] = counts.get(s.reason, 0) + 1
         return counts
 
+    def skip_report(self) -> list[dict[str, Any]]:
+        """One entry per reason: its count and the first record it hit, for train.log and summaries."""
+        return skip_report(self.skipped)
+
+
+def skip_report(skipped: list[Skipped]) -> list[dict[str, Any]]:
+    groups: dict[str, dict[str, Any]] = {}
+    for s in skipped:
+        g = groups.setdefault(s.reason, {"reason": s.reason, "count": 0, "file": s.file,
+                                         "example": f"{s.where}: {s.detail or s.reason}"})
+        g["count"] += 1
+    return list(groups.values())
+
+
+def format_skip_report(report: list[dict[str, Any]]) -> str:
+    """'reason x60 (e.g. line 4: ...); other reason x2 (e.g. ...)'."""
+    return "; ".join(f"{g['reason']} x{g['count']} (e.g. {g['example']})" for g in report)
+
 
 class _Collector:
     """Raise or record a bad record, according to on_error."""
@@ -111,24 +132,33 @@ class _Collector:
         self.on_error = on_error
         self.skipped: list[Skipped] = []
 
-    def bad(self, where: str, reason: str, fix: str) -> None:
+    def bad(self, where: str, reason: str, fix: str, *, detail: str = "") -> None:
+        """`reason` names the fault without the record's values; `detail` (if given) is the full message."""
+        message = detail or reason
         if self.on_error == "raise":
-            raise DataError(f"{self.path}: {where}: {reason}; {fix} (or set data.on_error=skip to skip such records)")
-        self.skipped.append(Skipped(str(self.path), where, reason))
+            raise DataError(f"{self.path}: {where}: {message}; {fix} (or set data.on_error=skip to skip such records)")
+        self.skipped.append(Skipped(str(self.path), where, reason, message))
 
     def finish(self, items: list[T]) -> Records[T]:
+        report = skip_report(self.skipped)
+        if self.skipped and not items:
+            raise DataError(f"{self.path}: every record was skipped ({len(self.skipped)} in all: {format_skip_report(report)}); "
+                            "nothing is left to use: fix the file or point to another one")
         if self.skipped:
-            log.warning("%s: skipped %d bad record(s): %s", self.path, len(self.skipped),
-                        "; ".join(f"{k} x{v}" for k, v in Records(items, self.skipped).skip_summary().items()))
+            log.warning("%s: skipped %d bad record(s): %s", self.path, len(self.skipped), format_skip_report(report))
         return Records(items, self.skipped, str(self.path))
 
 
 def read_text(path: str | Path) -> str:
     """The file's text; a clear DataError for a missing, empty or non-UTF-8 file."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not a file; name the data file inside it")
     if not p.is_file():
         raise DataError(f"{p}: file not found; check the path (data.data_dir, $DSXFER_DATA or the file name)")
     raw = p.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):  # editors on Windows write one; it is not part of the first record
+        raw = raw[len(codecs.BOM_UTF8):]
     if not raw.strip():
         raise DataError(f"{p}: the file is empty; point to a file with records")
     try:
@@ -192,8 +222,9 @@ def _qa_record(
             continue
         if context[start : start + len(text)] != text:
             found = context[start : start + len(text)]
-            col.bad(aw, f"field 'text' {text!r} is not in the context at answer_start={start} (found {found!r})",
-                    "fix answer_start to the character offset of the answer in the context")
+            col.bad(aw, "field 'text' is not in the context at answer_start",
+                    "fix answer_start to the character offset of the answer in the context",
+                    detail=f"field 'text' {text!r} is not in the context at answer_start={start} (found {found!r})")
             return None
         texts.append(text)
         starts.append(start)
@@ -294,12 +325,15 @@ def read_pawsx_tsv(
         except ValueError:
             label = None
         if label not in labels:
-            col.bad(where, f"field 'label' is {lab.strip()!r}, not in the label set {list(labels)}", "fix the label")
+            col.bad(where, f"field 'label' is not in the label set {list(labels)}", "fix the label",
+                    detail=f"field 'label' is {lab.strip()!r}, not in the label set {list(labels)}")
             continue
         if not s1.strip() or not s2.strip():
             col.bad(where, "field 'sentence1' or 'sentence2' is empty", "give both sentences")
             continue
         items.append(PairExample(rid.strip(), s1, s2, label, lang))
+    if not items and not col.skipped:
+        raise DataError(f"{p}: holds no records{' below its header' if has_header else ''}; point to a file with records")
     return col.finish(items)
 
 
@@ -372,7 +406,8 @@ def read_jsonl(
                 continue
             label = rec["label"]
             if not isinstance(label, int) or isinstance(label, bool) or (labels is not None and label not in labels):
-                col.bad(where, f"field 'label' is {label!r}, not in the label set {list(labels or [])}", "fix the label")
+                col.bad(where, f"field 'label' is not in the label set {list(labels or [])}", "fix the label",
+                        detail=f"field 'label' is {label!r}, not in the label set {list(labels or [])}")
                 continue
             items.append(PairExample(str(rec["id"]), str(rec["sentence1"]), str(rec["sentence2"]), label, rec_lang))
         else:
