@@ -142,11 +142,10 @@ class TeacherCache:
 
         try:
             data = load_file(str(path))
-            ids, vecs = data["ids"], data["vectors"]
+            data["ids"], data["vectors"]
         except Exception as e:
             raise DataError(f"teacher cache {path} cannot be read ({e}): delete it and it will be rebuilt") from None
-        for i, v in zip(ids.tolist(), vecs):
-            self.vectors[int(i)] = v
+        self.load_state(data)
 
     def flush(self) -> None:
         if self.dir is None or not self._dirty or not self.vectors:
@@ -154,12 +153,20 @@ class TeacherCache:
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        ids = sorted(self.vectors)
         tmp = self.path.with_suffix(".tmp")
-        save_file({"ids": torch.tensor(ids, dtype=torch.long),
-                   "vectors": torch.stack([self.vectors[i] for i in ids]).contiguous()}, str(tmp))
+        save_file(self.state(), str(tmp))
         tmp.replace(self.path)  # atomic: a crash never leaves a half-written cache
         self._dirty = False
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """All vectors as tensors (ids, vectors): what a checkpoint keeps for an exact resume."""
+        ids = sorted(self.vectors)
+        return {"ids": torch.tensor(ids, dtype=torch.long),
+                "vectors": torch.stack([self.vectors[i] for i in ids]).contiguous()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for i, v in zip(state["ids"].tolist(), state["vectors"]):
+            self.vectors[int(i)] = v
 
     def missing(self, pair_ids: list[int]) -> list[int]:
         """Row positions whose pair id is not cached yet."""

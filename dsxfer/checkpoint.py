@@ -5,6 +5,8 @@ Layout: <output_dir>/checkpoints/step-00000040/
   ds/                     DeepSpeed's own files: optimizer state (partitioned per rank under ZeRO 1-3)
                           and LR scheduler; frozen backbone parameters are excluded
   rng-rank<r>.json        python / numpy / torch RNG state of each rank
+  teacher-rank<r>.safetensors  the teacher vectors each rank has computed (alignment on), so a resumed
+                          run computes exactly what the uninterrupted one would
   state.json              step, data-order position, early-stopping state, bad-step count
   manifest.json           sha256 and size of every file above; written last
 
@@ -130,6 +132,7 @@ def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], keep_
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     r = eng.rank()
     trainable = eng.gathered_trainable_state(engine.module)  # every rank joins the ZeRO-3 gather
+    teacher = getattr(engine.module, "teacher_cache", None)
     check_finite(trainable, f"checkpoint {final}")  # the same values on every rank: all raise alike
 
     def agreed(phase) -> None:
@@ -158,6 +161,8 @@ def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], keep_
         # optimizer + scheduler (each rank writes its own ZeRO partition); frozen weights are not ours to save
         engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         (tmp / f"rng-rank{r}.json").write_text(json.dumps(rng_state()))
+        if teacher is not None and len(teacher):  # this rank's teacher vectors: a resume recomputes none of them
+            save_file(teacher.state(), str(tmp / f"teacher-rank{r}.safetensors"))
         if r == 0:
             save_file(trainable, str(tmp / TRAINABLE), metadata={"step": str(step)})
             (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
@@ -278,6 +283,9 @@ def load(engine, path: str | Path) -> dict[str, Any]:
     # fp32 partitions under ZeRO 1-3, but not from excluded-frozen module states under ZeRO-0 alike)
     eng.load_trainable_state(engine.module, load_file(str(path / TRAINABLE)))
     r = eng.rank()
+    teacher = getattr(engine.module, "teacher_cache", None)
+    if teacher is not None and (path / f"teacher-rank{r}.safetensors").is_file():
+        teacher.load_state(load_file(str(path / f"teacher-rank{r}.safetensors")))
     rng_file = path / f"rng-rank{r}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
@@ -309,7 +317,9 @@ def weights_only_loads(engine):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f"the Python object {found.group(1)}" if found else "Python objects"
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            what = (f"the Python object {found.group(1)}" if found else
+                    f"pickle content outside tensors and plain data ({reason.group(1).strip()})" if reason else "Python objects")
             raise CheckpointError(
                 f"checkpoint file {path} holds {what}, which no checkpoint written by dsxfer contains; it was not "
                 "loaded (dsxfer never unpickles arbitrary objects). Someone changed this file: delete the checkpoint "

@@ -46,6 +46,7 @@ def _overrides(root: Path, run: str, alignment: bool, extra: list[str]) -> list[
         f"alignment.target_langs=[{','.join(t for _, _, t in DEMO_LANGS)}]",
         f"eval.langs=[en,{','.join(langs)}]",
         f"train.output_dir={root / run}",
+        "train.overwrite=true",  # the demo makes its two runs anew each time
     ] + list(extra)
 
 

@@ -254,9 +254,18 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
             engine.backward(loss)
             before = eng.grad_norm_before_step(engine) if boundary else None
             lr_used = engine.get_lr()[0]  # the LR this optimizer step applies (the scheduler moves on in step())
+            skipped_before = getattr(engine, "skipped_steps", 0)
             engine.step()
             if boundary:
                 grad_norm = eng.global_grad_norm(engine, before)
+                if getattr(engine, "skipped_steps", 0) > skipped_before:  # ZeRO 1-3 refuse non-finite gradients themselves
+                    state["bad_steps"] += 1
+                    log.line(f"step {engine.global_steps}: non-finite gradients, DeepSpeed skipped the optimizer step (weights unchanged; "
+                             f"{state['bad_steps']} of at most {t_cfg.max_bad_steps})")
+                    if state["bad_steps"] > t_cfg.max_bad_steps:
+                        raise TrainingDiverged(f"training stopped at step {engine.global_steps}: {state['bad_steps']} steps with non-finite "
+                                               f"gradients (train.max_bad_steps={t_cfg.max_bad_steps}); {_last_good(out_dir)}; "
+                                               "lower train.lr or check the data")
                 # a step that made a weight NaN/Inf stops the run before anything of it is saved
                 if not eng.trainable_is_finite(engine.module):
                     raise TrainingDiverged(f"training stopped at step {engine.global_steps}: the optimizer step (lr {lr_used:.3g}) left "

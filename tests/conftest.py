@@ -33,3 +33,16 @@ def embedded_tokenizer(embedded_path):
     from dsxfer.backbone import load_tokenizer
 
     return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny XLM-R folder (weights + fast tokenizer) that configs name as model.name_or_path.
+    Six layers, so a config's top-4-layer injection leaves layers below it without prefixes."""
+    from dsxfer.backbone import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-xlmr")
+    model, tokenizer = tiny_model("xlm-roberta", num_hidden_layers=6)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
