@@ -160,7 +160,10 @@ def test_the_tests_run_the_constrained_versions():
     pins = read_constraints()
     missing = (project_requirements() | project_requirements("dev")) - set(pins)
     assert not missing, f"constraints.txt lacks pins for {sorted(missing)}"
-    installed = {_canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    installed: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():  # in sys.path order: the first one found is the one imported
+        # (later ones are copies such as setuptools' vendored packaging, which it adds to sys.path)
+        installed.setdefault(_canonical(dist.metadata["Name"]), dist.version)
     differ = {name: (installed[name], pinned) for name, pinned in pins.items()
               if name in installed and installed[name].split("+")[0] != pinned}
     assert not differ, f"installed versions differ from constraints.txt (installed, pinned): {differ}; run `make install`"
