@@ -205,7 +205,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
                 if metric in r:
                     rows.append({"method": e["method"], "run": str(e["path"].parent),
                                  "run_dir": str(e["folder"]) if e["folder"] is not None else None, "seed": seed,
-                                 "source_lang": source, "task": r["task"], "lang": r["lang"], "metric": metric,
+                                 "source_lang": source, "source_from_config": cfg is not None, "task": r["task"], "lang": r["lang"], "metric": metric,
                                  "value": float(r[metric]), "data": r.get("data", r["task"]),
                                  "majority": r.get("majority_accuracy") if metric == "accuracy" else None})
     return rows
@@ -238,6 +238,7 @@ class Table:
     source: str
     targets: list[str]
     has_source: bool
+    source_assumed: bool = False  # no run had a config.yaml that names its source language
     methods: list[str] = field(default_factory=list)
     cells: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (method, lang) -> stats
     avg: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> stats of the runs' averages
@@ -265,7 +266,8 @@ class Table:
         n_text = f"n = {ns[0]}" if len(ns) == 1 else "n = " + "-".join(str(x) for x in (ns[0], ns[-1]))
         runs = "run" if ns == [1] else "runs (seeds)"
         avg = (f"avg = mean over the target languages {', '.join(self.targets)}" if self.targets else "no target language")
-        source = f"source language {self.source} shown apart, not in the average" + ("" if self.has_source else " (not evaluated)")
+        source = (f"source language {self.source}" + (" (assumed: no run config)" if self.source_assumed else "")
+                  + (" shown apart, not in the average" if self.has_source else " (not evaluated)"))
         return f"{n_text} {runs} per method; {avg}; {source}"
 
 
@@ -283,7 +285,8 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
         source = sources[0]
         langs = list(dict.fromkeys(r["lang"] for r in group))
         t = Table(task, metric, " / ".join(sorted({r["data"] for r in group})), source,
-                  [lang for lang in langs if lang != source], source in langs)
+                  [lang for lang in langs if lang != source], source in langs,
+                  source_assumed=not any(r.get("source_from_config") for r in group))
         per_cell: dict[tuple[str, str], list[float]] = defaultdict(list)
         per_run: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         majority: dict[str, list[float]] = defaultdict(list)
@@ -493,6 +496,8 @@ def heatmap_figure(t: Table):
             if not np.isnan(means[i, j]):
                 bright = hi > lo and (means[i, j] - lo) / (hi - lo) > 0.6  # viridis is light at the top
                 ax.text(j, i, f"{means[i, j]:.1f}", ha="center", va="center", color="k" if bright else "w", fontsize=9)
+    if t.has_source and t.targets:
+        ax.axvline(len(cols) - 1.5, color="w", linewidth=4)  # the source column stands apart
     fig.colorbar(im, ax=ax, label=METRIC_LABEL[t.metric])
     fit_title(fig, _title_parts(t))
     return fig

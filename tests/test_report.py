@@ -83,7 +83,7 @@ def test_tables_state_the_average_and_n(runs, tmp_path):
     result = write_report(runs, out)
     md = (out / "report.md").read_text(encoding="utf-8")
     definition = ("n = 1-3 runs (seeds) per method; avg = mean over the target languages de, zh; "
-                  "source language en shown apart, not in the average")
+                  "source language en shown apart, not in the average")  # b1's config names en
     assert f"### xquad: F1 on XQuAD\n\n{definition}; cells: mean ± std (min) over the n runs." in md
     assert md.index("### xquad: F1") < md.index("### xquad: EM")
     assert "| method | n | de | zh | avg (de, zh) | en (source) |" in md
@@ -216,6 +216,20 @@ def test_classification_chart_draws_the_majority_class_of_the_evaluated_labels(t
     assert [c.get_label() for c in majority][0] == "majority class (of the evaluated labels)"
     heights = [float(c.get_segments()[0][0][1]) for c in majority]  # per group: de, es, avg, en (source)
     assert heights == pytest.approx([expected["de"], expected["es"], target_avg, expected["en"]])
+    plt.close(fig)
+
+
+def test_classification_chart_without_label_counts_draws_chance(tmp_path):
+    import matplotlib.pyplot as plt
+
+    acc = [{"task": "pawsx", "lang": x, "metric": "accuracy", "accuracy": 55.0, "n_examples": 10, "data": "PAWS-X dev"}
+           for x in ("de", "en")]
+    table = build_tables(load_runs([write_scores(tmp_path / "old", acc, method="m")]))[0]
+    assert table.majority == {} and "source language en (assumed: no run config)" in table.definition()
+    fig = bar_figure(table)
+    lines = [c for c in fig.axes[0].collections if c.get_gid() == "majority"]
+    assert lines[0].get_label() == "chance (50%, label counts not recorded)"
+    assert {float(c.get_segments()[0][0][1]) for c in lines} == {50.0}
     plt.close(fig)
 
 
