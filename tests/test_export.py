@@ -248,3 +248,23 @@ def test_embedded_model_export_loads_the_documented_way(tmp_path, embedded_path)
         out_ours, n = model._encode(ids["input_ids"], ids["attention_mask"], None, prompted=True)
     real = ids["attention_mask"].bool()
     assert (states[real] - out_ours.last_hidden_state[:, n:][real]).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "llama"])
+def test_classification_export_readme_reproduces_the_logits(tmp_path, arch):
+    """The README's head code for a classification run: first token (encoder) or last real token (decoder)."""
+    from dsxfer.model import build_transfer_model
+    from tiny_backbones import config
+
+    folder, tokenizer = _tiny_folder(tmp_path, arch)
+    cfg = config(f"model.name_or_path={folder}", "model.task=classification", "prompts.length=2", "injection.length=0")
+    model = build_transfer_model(cfg).eval()
+    with torch.no_grad():
+        model.head.out.bias.copy_(torch.tensor([0.3, -0.2]))  # a head that is not its initial value
+    export_model(model, None, tmp_path / "export", cfg.to_yaml())
+    ns = run_readme_code(tmp_path / "export" / "peft_prompt_tuning")
+    _, ids, mask = _qa_batches(tokenizer)
+    with torch.no_grad():
+        _, logits = ns["encode"](ids, mask)
+        ours = model({"input_ids": ids, "attention_mask": mask})["logits"]
+    torch.testing.assert_close(logits, ours, atol=TOLERANCE, rtol=0)
