@@ -1,9 +1,10 @@
 """Backbone loading: any HF encoder or decoder, the embedded default, and tiny models for tests.
 
-`load_backbone(None)` is the embedded multilingual-e5-small (dsxfer.embedded); any other value is an HF
-model name or a local folder. Nothing here downloads on its own: a local folder is read with
-local_files_only, and a name resolves through the local HF cache (or the network, where the user's
-environment allows it). A model that cannot be found is one DsxferError line that says what to do.
+`load_backbone(None)` (or the name EMBEDDED_MODEL_NAME, which exports write) is the embedded
+multilingual-e5-small (dsxfer.embedded); any other value is an HF model name or a local folder.
+Nothing here downloads on its own: a local folder is read with local_files_only, and a name resolves
+through the local HF cache (or the network, where the user's environment allows it). A model that
+cannot be found is one DsxferError line that says what to do.
 
 Attention defaults to "eager": dsxfer registers its own prefix-attention function later and switches
 to it; eager is the implementation every architecture supports and the reference it is checked against.
@@ -23,6 +24,9 @@ from dsxfer.errors import ConfigError, DsxferError
 TASKS = (None, "qa", "classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_ARCHS = ("xlm-roberta", "bert", "llama", "qwen2")
+# The name under which exports (PEFT's base_model_name_or_path) refer to the embedded default model. It is
+# no hub repository: dsxfer maps it to its cache folder (load_backbone, load_tokenizer, resolve_model_path).
+EMBEDDED_MODEL_NAME = "dsxfer/embedded-multilingual-e5-small"
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -41,7 +45,7 @@ def _looks_like_path(name: str) -> bool:
 
 def _resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool, bool]:
     """(what to pass to from_pretrained, whether it is a local folder, whether it is the embedded model)."""
-    if name_or_path is None or str(name_or_path).strip() == "":
+    if name_or_path is None or str(name_or_path).strip() in ("", EMBEDDED_MODEL_NAME):
         from dsxfer.embedded import embedded_model_path
 
         return str(embedded_model_path()), True, True
@@ -56,6 +60,13 @@ def _resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool, bool]:
         raise DsxferError(f"model folder {folder} has no config.json, so it is not an HF model folder; "
                           "point model.name_or_path at the folder that save_pretrained wrote")
     return str(folder), True, _is_embedded_folder(folder)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None = None) -> str:
+    """What `transformers` / `peft` should load for a model name dsxfer knows: the embedded model's cache
+    folder (built if needed) for None or EMBEDDED_MODEL_NAME, an existing folder as it is, any other name
+    unchanged. `AutoModel.from_pretrained(resolve_model_path(adapter_config.base_model_name_or_path))`."""
+    return _resolve(name_or_path)[0]
 
 
 def _is_embedded_folder(folder: Path) -> bool:

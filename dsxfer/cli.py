@@ -116,8 +116,9 @@ class Commands:
     def export(self, run_dir: str, output_dir: str | None = None) -> None:
         """Export a trained run: trainable.safetensors + config.yaml and PEFT adapter folders where they map.
 
-        Soft prompt -> PROMPT_TUNING, prefixes -> PREFIX_TUNING (decoders; peft refuses encoders), LoRA -> LORA.
-        Writes into --output_dir (default <run_dir>/export) and prints what it wrote.
+        Soft prompt -> PROMPT_TUNING, LoRA -> LORA, prefixes in every layer -> PREFIX_TUNING (prefixes in some
+        layers only stay in dsxfer's files). Each PEFT folder carries the tokenizer, head.safetensors and a
+        README.md with the loading code. Writes into --output_dir (default <run_dir>/export) and prints what it wrote.
         """
         from dsxfer.export import export_run
 
@@ -127,15 +128,17 @@ class Commands:
     def report(self, *run_dirs: str, output_dir: str = "runs/report", plots: bool = True) -> None:
         """Aggregate runs into per-language tables (md/csv/json) and PNG charts.
 
-        RUN_DIR... folders holding scores.json (from dsxfer eval); runs with the same method name are
-        seeds of one method: mean, std and min per language. Writes report.md, report.csv,
-        report.json and PNG charts into --output_dir.
+        RUN_DIR... folders holding scores.json (from dsxfer eval); runs whose config.yaml differ only in
+        the seed are seeds of one method, named by what they trained: mean, std and min per language,
+        the average over the target languages (source apart). Writes report.md, report.csv,
+        report.json, PNG charts and a training-curve PNG per run into --output_dir.
         """
         from dsxfer.report import write_report
 
         result = write_report(list(run_dirs), output_dir, plots=plots)
         print(result["markdown"])
-        print(f"wrote {output_dir}/report.md, report.csv, report.json" + (f" and {len(result['images'])} PNG charts" if result["images"] else ""))
+        charts = len(result["images"]) + len(result["curves"])
+        print(f"wrote {output_dir}/report.md, report.csv, report.json" + (f" and {charts} PNG charts" if charts else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

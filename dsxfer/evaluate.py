@@ -27,7 +27,7 @@ import numpy as np
 from dsxfer.data.qa import collate_pairs, featurize_pairs, featurize_qa, pad_token_id, postprocess_qa
 from dsxfer.data.readers import PairExample, QAExample
 from dsxfer.errors import DataError, DsxferError
-from dsxfer.metrics import accuracy, qa_scores
+from dsxfer.metrics import accuracy, majority_rate, qa_scores
 
 QAPredict = Callable[[dict], tuple[Any, Any]]
 ClassifyPredict = Callable[[dict], Any]
@@ -107,7 +107,8 @@ def evaluate_classification(
             labels += [int(x) for x in logits.argmax(-1)]
             bar.update(len(idx))
     predictions = {ex.id: lab for ex, lab in zip(examples, labels)}
-    return predictions, {"accuracy": accuracy(labels, [ex.label for ex in examples])}
+    golds = [ex.label for ex in examples]
+    return predictions, {"accuracy": accuracy(labels, golds), "majority_accuracy": majority_rate(golds)}
 
 
 # -------------------------------------------------------------------------------- predictors
@@ -309,6 +310,14 @@ def format_scores(doc: dict[str, Any]) -> str:
     for r in rows:
         skipped = f"  ({r['skipped']['count']} bad records skipped)" if "skipped" in r else ""
         lines.append(f"{r['lang']:<8}" + "".join(f"{r[n]:>12.2f}" for n in names) + f"{r['n_examples']:>8}  {r['data']}{skipped}")
-    if len(rows) > 1:
-        lines.append(f"{'avg':<8}" + "".join(f"{np.mean([r[n] for r in rows]):>12.2f}" for n in names))
+    # the one average of every dsxfer table (dsxfer.report): over the target languages, source apart
+    from dsxfer.report import DEFAULT_SOURCE_LANG, read_run_config, target_average
+
+    cfg = read_run_config(doc["run_dir"]) if doc.get("run_dir") else None
+    source = cfg["data"]["source_lang"] if cfg else DEFAULT_SOURCE_LANG
+    targets = [r["lang"] for r in rows if r["lang"] != source]
+    if len(targets) > 1:
+        means = [target_average({r["lang"]: r[n] for r in rows}, targets) for n in names]
+        lines.append(f"avg over the targets {', '.join(targets)} (source {source} not included): "
+                     + ", ".join(f"{n} {m:.2f}" for n, m in zip(names, means)))
     return "\n".join(lines)

@@ -1,21 +1,35 @@
-"""Export a trained run: dsxfer's own files plus PEFT adapter folders where a mapping exists.
+"""Export a trained run: dsxfer's own files plus PEFT adapter folders where PEFT can reproduce the run.
 
 <export>/trainable.safetensors + config.yaml     what dsxfer.model.load_trained reads (a run folder)
 <export>/head.safetensors                        the task head alone (QA: span.weight (2, H), span.bias (2,))
 <export>/prefixes.safetensors                    merged per-layer prefixes prefix.<layer>.key / .value (Hkv, P, D)
 <export>/peft_prompt_tuning/                     soft prompt  -> PROMPT_TUNING  (prompt_embeddings (n, H))
 <export>/peft_lora/                              LoRA         -> LORA
-<export>/peft_prefix_tuning/                     prefixes     -> PREFIX_TUNING  (decoders, prefixes in every layer)
+<export>/peft_prefix_tuning/                     prefixes     -> PREFIX_TUNING  (prefixes in every layer)
+<export>/README.md                               what was written, what was skipped and why
 
-Each PEFT folder loads with `peft.PeftModel.from_pretrained(backbone, folder)` on the same backbone and
-gives the backbone hidden states dsxfer computes (the PEFT model's outputs include the virtual positions
-first; dsxfer's head reads only the real ones). What does not map is skipped with the reason:
-- PREFIX_TUNING on encoders (XLM-R, BERT): peft with transformers 5 refuses models without a key/value
-  cache ("Model does not support past key values"); keep dsxfer's own files for those.
-- PREFIX_TUNING needs a prefix in every layer (peft has no per-layer choice). PEFT counts the prefix
-  as P cached positions, so real tokens sit at positions P, P+1, ...; dsxfer keeps them at 0, 1, ...
-  For RoPE decoders the exported keys are rotated by +P to compensate (exact for standard rotary
-  embeddings; models with partial or scaled-by-position rotary schemes are not covered).
+Each PEFT folder holds adapter_config.json (task type FEATURE_EXTRACTION, so PEFT's
+`AutoPeftModelForFeatureExtraction` loads it; plain `AutoPeftModel` refuses any task type), the
+adapter weights, the tokenizer, head.safetensors and a README.md with the loading code, which the tests
+run. `base_model_name_or_path` is the model name, the absolute path of a local model folder, or
+EMBEDDED_MODEL_NAME for the embedded default (no hub has it: `dsxfer.backbone.resolve_model_path` maps it
+to dsxfer's cache folder). Loaded that way, PEFT gives the backbone hidden states dsxfer computes on the
+real tokens to 1e-5 (fp32). What does not map is skipped with the reason:
+- PREFIX_TUNING needs a prefix in every layer. PEFT concatenates P prefix positions to the keys and
+  values of every layer under one attention mask, and a layer without a dsxfer prefix cannot be given
+  P positions that draw no attention: a zero key still takes softmax weight exp(0) per position, and
+  no fixed key scores far below the real keys for every query (the queries of a layer point in all
+  directions). Runs with prefixes in some layers only (injection.layers=top_k or a list) keep them in
+  dsxfer's files; train with injection.layers=all for a PEFT prefix export.
+- Positions: PEFT counts the prefix as P cached positions, so real tokens sit at positions P, P+1, ...
+  (encoders with learned absolute positions: XLM-R derives its position ids from the cache length,
+  BERT slices its position table from there, and PEFT adds P to any position_ids it is given); dsxfer
+  keeps real tokens at the backbone's own positions. Encoders: the folder's README passes
+  position_ids = (the backbone's own positions) - P, which PEFT turns back into the backbone's own.
+  RoPE decoders: the exported keys are rotated by +P instead (exact for standard rotary embeddings;
+  partial or position-scaled rotary schemes are not covered), so no argument is needed.
+- PEFT's prompt-learning models drop token_type_ids (with a warning): exact for XLM-R (one segment
+  type) and for BERT inputs whose token_type_ids are all 0, not for BERT sentence pairs.
 - A run that combines several parts (prompt + prefixes + LoRA) exports each part; only the
   combination of all of them equals dsxfer, and PEFT cannot stack prompt and prefix tuning.
 """
@@ -31,15 +45,128 @@ import torch
 from dsxfer.errors import DataError
 
 PROMPT_KEY = "prompt.parts.trainable.embeddings"
+PEFT_TASK_TYPE = "FEATURE_EXTRACTION"  # PEFT's model class for a bare backbone (AutoModel): hidden states out
+TOLERANCE = 1e-5  # max abs difference of the last hidden states, real tokens, fp32 (tests/test_export.py)
 
 
+def base_model_reference(cfg) -> str:
+    """What adapter_config.json names as the base model: a hub name as configured, a local folder as an
+    absolute path, the embedded default as EMBEDDED_MODEL_NAME (which dsxfer maps to its cache)."""
+    from dsxfer.backbone import EMBEDDED_MODEL_NAME, _is_embedded_folder, _looks_like_path
 
-def _write_adapter(folder: Path, config, tensors: dict[str, torch.Tensor]) -> Path:
+    name = cfg.model.name_or_path
+    if name is None or str(name).strip() in ("", EMBEDDED_MODEL_NAME):
+        return EMBEDDED_MODEL_NAME
+    if _looks_like_path(str(name)):
+        folder = Path(str(name)).expanduser().resolve()
+        return EMBEDDED_MODEL_NAME if _is_embedded_folder(folder) else str(folder)
+    return str(name)
+
+
+def _real_positions_start(backbone) -> int | None:
+    """First position id of an encoder's learned absolute positions as dsxfer feeds it (inputs_embeds):
+    padding_idx + 1 for RoBERTa-style embeddings, 0 for BERT-style; None for rotary decoders."""
+    embeddings = getattr(backbone, "embeddings", None)
+    if embeddings is None or not hasattr(embeddings, "position_embeddings"):
+        return None
+    if hasattr(embeddings, "create_position_ids_from_inputs_embeds"):
+        return int(embeddings.padding_idx) + 1
+    return 0
+
+
+def _load_code(base_reference: str, folder_name: str) -> list[str]:
+    from dsxfer.backbone import EMBEDDED_MODEL_NAME
+
+    if base_reference == EMBEDDED_MODEL_NAME:
+        return [
+            "from peft import PeftModel",
+            "from transformers import AutoModel",
+            "from dsxfer.backbone import resolve_model_path  # maps the embedded model's name to dsxfer's cache folder",
+            "",
+            f'folder = "{folder_name}"',
+            f'base = AutoModel.from_pretrained(resolve_model_path("{EMBEDDED_MODEL_NAME}"))',
+            "model = PeftModel.from_pretrained(base, folder).eval()",
+        ]
+    return [
+        "from peft import AutoPeftModelForFeatureExtraction",
+        "",
+        f'folder = "{folder_name}"',
+        "model = AutoPeftModelForFeatureExtraction.from_pretrained(folder).eval()  # base model: adapter_config.json",
+    ]
+
+
+def _readme(model, kind: str, folder: Path, *, virtual_tokens: int = 0, position_start: int | None = None,
+            prefix_length: int = 0) -> str:
+    """README.md of a PEFT folder: what it is and the code that loads it and reproduces dsxfer's outputs."""
+    base = base_model_reference(model.cfg)
+    task = model.cfg.model.task
+    call = ["    out = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state"]
+    if position_start is not None and prefix_length:
+        call = [
+            f"    # PEFT counts the prefix as {prefix_length} cached positions and adds {prefix_length} to every position id it is",
+            f"    # given; dsxfer keeps real tokens at the backbone's own positions ({position_start}, {position_start + 1}, ...):",
+            f"    position_ids = (torch.arange(input_ids.shape[1]) + {position_start} - {prefix_length}).expand_as(input_ids)",
+            "    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state",
+        ]
+    states = f"out[:, {virtual_tokens}:]  # PEFT puts the {virtual_tokens} virtual tokens first" if virtual_tokens else "out"
+    if task == "qa":
+        head = ['    start_logits, end_logits = (states @ head["span.weight"].T + head["span.bias"]).unbind(-1)',
+                "    return states, (start_logits, end_logits)"]
+    else:
+        pool = ("states[torch.arange(states.shape[0]), attention_mask.sum(1) - 1]  # the last real token"
+                if model.decoder else "states[:, 0]  # the first token (<s> / [CLS])")
+        head = [f"    pooled = {pool}", '    return states, pooled @ head["out.weight"].T + head["out.bias"]']
+    code = [
+        "import torch",
+        "from safetensors.torch import load_file",
+        "from transformers import AutoTokenizer",
+        *_load_code(base, f"path/to/{folder.name}"),
+        "tokenizer = AutoTokenizer.from_pretrained(folder)",
+        'head = load_file(f"{folder}/head.safetensors")  # the trained task head',
+        "",
+        "",
+        "def encode(input_ids, attention_mask):",
+        '    """Last hidden states of the real tokens and the logits of the task head, as dsxfer computes them."""',
+        *call,
+        f"    states = {states}",
+        *head,
+        "",
+        "",
+        'batch = tokenizer(["Where does the cat sleep?"], ["The cat sleeps on the mat."], return_tensors="pt")',
+        'states, logits = encode(batch["input_ids"], batch["attention_mask"])',
+    ]
+    what = {"prompt_tuning": f"the run's soft prompt ({virtual_tokens} virtual tokens) as PEFT PROMPT_TUNING",
+            "lora": "the run's LoRA adapters as PEFT LORA",
+            "prefix_tuning": f"the run's prefix keys/values ({prefix_length} per layer, every layer) as PEFT PREFIX_TUNING"}[kind]
+    notes = [f"Outputs equal dsxfer's (`dsxfer.model.load_trained`) to {TOLERANCE:g} max abs difference of the last hidden "
+             "states on the real tokens (fp32; checked by tests/test_export.py, which runs the code above)."]
+    if position_start is not None and prefix_length:
+        notes.append(f"Without `position_ids` PEFT shifts the real tokens {prefix_length} positions on and the hidden states "
+                     "move far from dsxfer's (max abs difference about 2 on XLM-R and BERT; README.md of dsxfer, section Export).")
+    if kind != "lora":
+        notes.append("PEFT's prompt-learning models drop token_type_ids: for BERT inputs with a second segment "
+                     "(token_type_ids 1) the outputs differ from dsxfer's; XLM-R has one segment type.")
+    if base.startswith("dsxfer/"):
+        notes.append(f"`{base}` (adapter_config.json: base_model_name_or_path) is dsxfer's embedded default model, not a "
+                     "hub repository: `dsxfer.backbone.resolve_model_path` returns its cache folder (`dsxfer prepare-model` builds it).")
+    return (f"# {folder.name}: {what}\n\n"
+            f"Exported by `dsxfer export` from the run `{model.cfg.name}` ({'QA' if task == 'qa' else 'classification'} head) on the base model "
+            f"`{base}`. Files: adapter_config.json + adapter_model.safetensors (PEFT, task type {PEFT_TASK_TYPE}), the tokenizer, "
+            "head.safetensors (the task head).\n\n```python\n" + "\n".join(code) + "\n```\n\n"
+            + "\n".join(f"- {n}" for n in notes) + "\n")
+
+
+def _write_adapter(model, folder: Path, kind: str, config, tensors: dict[str, torch.Tensor], **readme) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(folder))
+    head = {k[len("head."):]: v.detach().float().cpu().contiguous() for k, v in model.named_parameters() if k.startswith("head.")}
+    save_file(head, str(folder / "head.safetensors"))
+    (folder / "README.md").write_text(_readme(model, kind, folder, **readme), encoding="utf-8")
     return folder
 
 
@@ -49,10 +176,10 @@ def prompt_tuning_adapter(model, folder: Path) -> Path:
 
     prompt = model.prompt.parts["trainable"].embeddings.detach().float().cpu()
     bb = model.backbone.config
-    config = PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=prompt.shape[0], token_dim=bb.hidden_size,
+    config = PromptTuningConfig(task_type=PEFT_TASK_TYPE, num_virtual_tokens=prompt.shape[0], token_dim=bb.hidden_size,
                                 num_transformer_submodules=1, num_attention_heads=bb.num_attention_heads,
-                                num_layers=bb.num_hidden_layers, base_model_name_or_path=model.cfg.model.name_or_path)
-    return _write_adapter(folder, config, {"prompt_embeddings": prompt})
+                                num_layers=bb.num_hidden_layers, base_model_name_or_path=base_model_reference(model.cfg))
+    return _write_adapter(model, folder, "prompt_tuning", config, {"prompt_embeddings": prompt}, virtual_tokens=prompt.shape[0])
 
 
 def lora_adapter(model, folder: Path) -> Path:
@@ -65,9 +192,9 @@ def lora_adapter(model, folder: Path) -> Path:
         if "lora_" in name and name.startswith("backbone."):
             key = "base_model.model." + name[len("backbone."):].replace(".default.", ".")
             tensors[key] = p.detach().float().cpu()
-    config = LoraConfig(task_type="FEATURE_EXTRACTION", r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=list(a.target_modules),
-                        base_model_name_or_path=model.cfg.model.name_or_path)
-    return _write_adapter(folder, config, tensors)
+    config = LoraConfig(task_type=PEFT_TASK_TYPE, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=list(a.target_modules),
+                        base_model_name_or_path=base_model_reference(model.cfg))
+    return _write_adapter(model, folder, "lora", config, tensors)
 
 
 def prefix_tuning_adapter(model, folder: Path) -> Path:
@@ -77,8 +204,11 @@ def prefix_tuning_adapter(model, folder: Path) -> Path:
     inj = model.injection
     bb = model.backbone.config
     if sorted(inj.layers) != list(range(bb.num_hidden_layers)):
-        raise DataError(f"prefixes are injected in layers {inj.layers} only; PEFT PREFIX_TUNING needs every layer "
-                        "(train with injection.layers=all to export it)")
+        raise DataError(
+            f"prefixes are injected in layers {inj.layers} only, and PEFT PREFIX_TUNING puts prefix positions into every "
+            "layer: a layer without a dsxfer prefix cannot get positions that draw no attention (zero keys still take "
+            "softmax weight), so PEFT would not reproduce this run; train with injection.layers=all to export it "
+            "(the prefixes are in prefixes.safetensors and trainable.safetensors)")
     with torch.no_grad():
         prefixes = inj.forward()  # str(layer) -> (k, v), each (Hkv, P, D)
         rows = []
@@ -88,10 +218,11 @@ def prefix_tuning_adapter(model, folder: Path) -> Path:
             for t in (k, v):
                 rows.append(t.detach().float().cpu().permute(1, 0, 2).reshape(inj.length, -1))  # (P, Hkv * D)
         table = torch.cat(rows, dim=1)
-    config = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=inj.length, token_dim=bb.hidden_size, num_transformer_submodules=1,
+    config = PrefixTuningConfig(task_type=PEFT_TASK_TYPE, num_virtual_tokens=inj.length, token_dim=bb.hidden_size, num_transformer_submodules=1,
                                 num_attention_heads=bb.num_attention_heads, num_layers=bb.num_hidden_layers,
-                                prefix_projection=False, base_model_name_or_path=model.cfg.model.name_or_path)
-    return _write_adapter(folder, config, {"prompt_embeddings": table})
+                                prefix_projection=False, base_model_name_or_path=base_model_reference(model.cfg))
+    return _write_adapter(model, folder, "prefix_tuning", config, {"prompt_embeddings": table},
+                          position_start=_real_positions_start(model.backbone), prefix_length=inj.length)
 
 
 def _shift_rotary(backbone, keys: torch.Tensor, shift: int) -> torch.Tensor:
@@ -117,8 +248,6 @@ def export_model(model, run_dir: Path | None, out: Path, config_yaml: str) -> li
     """Write every export of an in-memory TransferModel; returns one line per output or skipped mapping."""
     from safetensors.torch import save_file
 
-    from dsxfer.model import is_decoder_backbone
-
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     state = model.trainable_state_dict()
@@ -137,15 +266,26 @@ def export_model(model, run_dir: Path | None, out: Path, config_yaml: str) -> li
         # plain per-layer keys/values (the reparameterisation MLP evaluated once): portable to any runtime
         save_file(model.injection.merged(), str(out / "prefixes.safetensors"))
         lines.append(f"wrote {out / 'prefixes.safetensors'} (per-layer prefix keys/values, (Hkv, P, D) each)")
-        if not is_decoder_backbone(model.backbone):
-            lines.append("skipped PEFT PREFIX_TUNING: peft refuses encoder backbones (no past key values in transformers 5); "
-                         "the prefixes are in trainable.safetensors")
-        else:
-            try:
-                lines.append(f"wrote {prefix_tuning_adapter(model, out / 'peft_prefix_tuning')} (PEFT PREFIX_TUNING)")
-            except DataError as e:
-                lines.append(f"skipped PEFT PREFIX_TUNING: {e}")
+        try:
+            lines.append(f"wrote {prefix_tuning_adapter(model, out / 'peft_prefix_tuning')} (PEFT PREFIX_TUNING)")
+        except DataError as e:
+            lines.append(f"skipped PEFT PREFIX_TUNING: {e}")
+    (out / "README.md").write_text(_export_readme(model, out, lines), encoding="utf-8")
     return lines
+
+
+def _export_readme(model, out: Path, lines: list[str]) -> str:
+    folders = sorted(p.name for p in out.glob("peft_*") if (p / "adapter_config.json").is_file())
+    peft = (f"PEFT folders (each with its own README.md and loading code): {', '.join(folders)}." if folders else
+            "No PEFT folder: nothing in this run maps onto a PEFT method that reproduces it (see the skipped lines).")
+    return ("# dsxfer export\n\n"
+            f"Run `{model.cfg.name}` on the base model `{base_model_reference(model.cfg)}`.\n\n"
+            "- `trainable.safetensors` + `config.yaml`: load with `dsxfer.model.load_trained(this_folder)` "
+            "or evaluate with `dsxfer eval --run_dir this_folder`.\n"
+            "- `head.safetensors`: the task head alone.\n"
+            + ("- `prefixes.safetensors`: per-layer prefix keys/values `prefix.<layer>.key` / `.value`, (kv heads, P, head dim) "
+               "each, the reparameterisation MLP evaluated.\n" if model.injection is not None else "")
+            + f"\n{peft}\n\n" + "\n".join(f"- {line.replace(str(out) + '/', '')}" for line in lines) + "\n")
 
 
 def export_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[str]:
@@ -156,7 +296,7 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None) -> lis
     model = load_trained(run)
     out = Path(output_dir) if output_dir else run / "export"
     lines = export_model(model, run, out, (run / CONFIG_FILE).read_text(encoding="utf-8"))
-    for extra in ("shots.json", "soft_prompt.safetensors"):
+    for extra in ("shots.json", "test_rows.json", "soft_prompt.safetensors"):  # what dsxfer eval --run_dir reads
         if (run / extra).is_file():
             shutil.copy2(run / extra, out / extra)
     (out / "export.json").write_text(json.dumps({"run_dir": str(run), "outputs": lines}, indent=1))

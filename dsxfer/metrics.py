@@ -176,3 +176,11 @@ def accuracy(predictions: Iterable[int], labels: Iterable[int]) -> float:
     if not golds:
         raise DataError("accuracy: no examples to score")
     return 100.0 * sum(int(p == g) for p, g in zip(preds, golds)) / len(golds)
+
+
+def majority_rate(labels: Iterable[int]) -> float:
+    """Accuracy (percent) of always predicting the most frequent of these labels: the floor a classifier must beat."""
+    golds = list(labels)
+    if not golds:
+        raise DataError("majority rate: no labels")
+    return 100.0 * max(Counter(golds).values()) / len(golds)

@@ -1,15 +1,28 @@
-"""Result reports across runs: per-language tables with the average, multi-seed aggregation, charts.
+"""Result reports across runs: per-language tables, multi-seed aggregation, charts, training curves.
 
-Input: run folders holding a scores.json written by `dsxfer eval` (directly, or one level down, e.g.
-<run>/eval/scores.json). Runs with the same method name (scores.json "method", else the run's
-config.yaml `name`) are seeds of one method and are aggregated: mean, standard deviation (sample,
-n-1; 0 for a single run) and minimum per task, language and metric.
+Input: folders holding a scores.json written by `dsxfer eval` (directly, or one level down, e.g.
+<run>/eval/scores.json). The run that produced the scores is the folder with its config.yaml (the
+scores' run_dir, the scores folder, or the one above it).
 
-The average column averages each run over its languages first, then aggregates those averages over
-the runs (so its std is the seed-to-seed spread of the average).
+What a row of a table is called comes from what the run trained, never from a free-text name:
+`describe_run` reads the run's config.yaml (soft prompt, prefixes and their layers, freezing, LoRA,
+head, shots, alignment form or off, pseudo data). Runs whose configs differ only in the seed (and
+where they were written) are the n seeds of one method; when two groups would get the same label,
+the config keys that tell them apart are appended. Scores without a run config (an untrained
+backbone) keep the method name dsxfer eval wrote.
+
+One definition of every average, stated in every table and chart: the target languages are every
+evaluated language except the run's source language (config data.source_lang; "en" when no run
+config exists). A run's average is the mean over the table's target languages (a run that lacks one of
+them has no average); a method's average is the mean of its runs' averages, so its std is the
+seed-to-seed spread of the average. The source language is shown apart and never enters an average.
+Mean, sample std (n-1) and min are over the n runs of a method; std is shown, and error bars are drawn,
+only when n > 1.
 
 Output: report.md, report.csv (long format), report.json, and per task and metric a grouped bar chart
-(x = language, one bar per method, error bars = std) and a method x language heatmap (PNG).
+(targets, their average, then the source apart; a majority-class line on classification charts) and
+a method x language heatmap; per run a training-curve chart (task loss, alignment loss, per-language
+alignment cosine over the optimizer steps) read from the run's TensorBoard files, else its train.log.
 Every table names the data it evaluates on (e.g. "MLQA dev", "XQuAD subset of 100").
 """
 
@@ -18,14 +31,118 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dsxfer.errors import DataError
 
-METRIC_LABEL = {"f1": "F1", "exact_match": "EM", "accuracy": "accuracy"}
+METRIC_LABEL = {"f1": "F1", "exact_match": "EM", "accuracy": "accuracy"}  # also the order of the tables
+DEFAULT_SOURCE_LANG = "en"  # every bundled training task is English; used only when a run has no config
+MAJORITY_METHOD = "majority class"
+
+# Config keys that never change what a run learned: runs differing only here are seeds of one method.
+_NOT_THE_METHOD = ("name", "train.seed", "train.output_dir", "train.resume", "train.tensorboard", "train.log_every",
+                   "train.save_every", "train.keep_last", "deepspeed.config", "data.data_dir")
+
+
+# ---------------------------------------------------------------------------------- run configs
+
+
+def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for key, value in given.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """<run_dir>/config.yaml over dsxfer's defaults, as a plain dict (no validation: an older or newer
+    config still describes its run); None when the folder has no config.yaml."""
+    import yaml
+
+    from dsxfer.config import ExperimentConfig
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); restore the config.yaml training wrote") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}; restore the config.yaml training wrote")
+    return _merge(ExperimentConfig().to_dict(), raw)
+
+
+def _layers_text(spec: Any, top_k: int) -> str:
+    if spec == "all":
+        return "all layers"
+    if spec == "top_k":
+        return f"top {top_k} layers"
+    layers = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    return ("layer " if len(layers) == 1 else "layers ") + ",".join(str(i) for i in layers)
+
+
+def describe_run(cfg: dict[str, Any]) -> str:
+    """A label that says what a run trained, from its config (read_run_config), e.g.
+    'prefixes 8 in top 4 layers (MLP) + QA head; 8 shots; cosine alignment (deu,spa,cmn)'."""
+    p, inj, fr, ad, al, d = (cfg["prompts"], cfg["injection"], cfg["freezing"], cfg["adapters"], cfg["alignment"], cfg["data"])
+    trained = []
+    if p.get("task_prompt"):
+        trained.append("task prompt (loaded, frozen)")
+    if p.get("language_prompt"):
+        trained.append("language prompt (loaded, frozen)")
+    if p["length"] > 0:
+        trained.append(f"soft prompt {p['length']}")
+    if inj["length"] > 0:
+        trained.append(f"prefixes {inj['length']} in {_layers_text(inj['layers'], inj['top_k'])}" + (" (MLP)" if inj["reparam"] else ""))
+    unfrozen = {"top_k": f"top {fr['top_k']} layers unfrozen", "bias_only": "backbone biases", "layernorm": "backbone LayerNorms",
+                "embeddings_frozen": "backbone except embeddings",
+                "gradual": f"gradual unfreezing to {fr['top_k']} layers"}.get(fr["strategy"])
+    if unfrozen:
+        trained.append(unfrozen)
+    if ad["lora"]:
+        trained.append(f"LoRA r{ad['r']} ({','.join(ad['target_modules'])})")
+    trained.append("QA head" if cfg["model"]["task"] == "qa" else "classification head")
+    parts = [" + ".join(trained)]
+    parts.append(f"{d['k_shot']} shots" if d["k_shot"] > 0 else "zero-shot")
+    if al["enabled"]:
+        parts.append(f"{al['loss']} alignment ({','.join(al['target_langs'])})")
+    else:
+        parts.append("no alignment")
+    if al.get("preservation_weight", 0) > 0:
+        parts.append(f"KL preservation {al['preservation_weight']:g}")
+    pseudo = []
+    if d.get("codeswitch_prob", 0) > 0:
+        pseudo.append(f"code-switched p={d['codeswitch_prob']:g}")
+    if d.get("translate_train"):
+        pseudo.append(f"translate-train x{len(d['translate_train'])}")
+    if pseudo:
+        parts.append("pseudo data: " + ", ".join(pseudo))
+    return "; ".join(parts)
+
+
+def _flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value, sort_keys=True)
+    return out
+
+
+def _method_keys(cfg: dict[str, Any]) -> dict[str, str]:
+    return {k: v for k, v in _flatten(cfg).items() if k not in _NOT_THE_METHOD and not k.startswith("eval.")}
+
+
+# ---------------------------------------------------------------------------------- reading runs
 
 
 def find_scores(run_dir: str | Path) -> list[Path]:
@@ -38,38 +155,63 @@ def find_scores(run_dir: str | Path) -> list[Path]:
     return found
 
 
-def _method_name(path: Path, doc: dict[str, Any]) -> str:
-    if doc.get("method"):
-        return str(doc["method"])
-    for cfg in (path.parent / "config.yaml", path.parent.parent / "config.yaml"):
-        if cfg.is_file():
-            import yaml
+def _run_folder(path: Path, doc: dict[str, Any]) -> Path | None:
+    """The training run behind a scores.json: the folder with the config.yaml training wrote."""
+    candidates = [Path(doc["run_dir"])] if doc.get("run_dir") else []
+    candidates += [path.parent, path.parent.parent]
+    return next((c for c in candidates if (c / "config.yaml").is_file()), None)
 
-            name = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("name")
-            if name:
-                return str(name)
-    return path.parent.name
+
+def _name_methods(evals: list[dict[str, Any]]) -> None:
+    """Set each evaluation's 'method': the label of what it trained, made unique across differing configs."""
+    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in evals:
+        by_label[e["label"]].append(e)
+    for label, group in by_label.items():
+        keys = [_method_keys(e["config"]) for e in group if e["config"] is not None]
+        differing = sorted({k for a in keys for b in keys for k in set(a) | set(b) if a.get(k) != b.get(k)})
+        for e in group:
+            if e["config"] is None or not differing:
+                e["method"] = label
+            else:
+                mine = _method_keys(e["config"])
+                e["method"] = f"{label} [{', '.join(f'{k}={mine.get(k)}' for k in differing)}]"
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One row per (run, task, lang, metric): {method, run, seed, task, lang, metric, value, data}."""
-    rows = []
+    """One row per (run, task, lang, metric): {method, run, run_dir, seed, source_lang, task, lang, metric,
+    value, data, majority}."""
+    evals = []
     for run_dir in run_dirs:
         for path in find_scores(run_dir):
             try:
                 doc = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); rerun dsxfer eval to rewrite it") from None
-            if not isinstance(doc.get("results"), list):
+            if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
                 raise DataError(f"{path}: field 'results' is missing; this is not a scores.json written by dsxfer eval")
-            method = _method_name(path, doc)
-            for r in doc["results"]:
-                for metric in ("f1", "exact_match", "accuracy"):
-                    if metric in r:
-                        rows.append({"method": method, "run": str(path.parent), "seed": doc.get("seed"),
-                                     "task": r["task"], "lang": r["lang"], "metric": metric,
-                                     "value": float(r[metric]), "data": r.get("data", r["task"])})
+            folder = _run_folder(path, doc)
+            cfg = read_run_config(folder) if folder is not None else None
+            label = describe_run(cfg) if cfg is not None else str(doc.get("method") or path.parent.name)
+            evals.append({"path": path, "doc": doc, "folder": folder, "config": cfg, "label": label})
+    _name_methods(evals)
+    rows = []
+    for e in evals:
+        cfg, doc = e["config"], e["doc"]
+        source = cfg["data"]["source_lang"] if cfg is not None else DEFAULT_SOURCE_LANG
+        seed = cfg["train"]["seed"] if cfg is not None else doc.get("seed")
+        for r in doc["results"]:
+            for metric in ("f1", "exact_match", "accuracy"):
+                if metric in r:
+                    rows.append({"method": e["method"], "run": str(e["path"].parent),
+                                 "run_dir": str(e["folder"]) if e["folder"] is not None else None, "seed": seed,
+                                 "source_lang": source, "source_from_config": cfg is not None, "task": r["task"], "lang": r["lang"], "metric": metric,
+                                 "value": float(r[metric]), "data": r.get("data", r["task"]),
+                                 "majority": r.get("majority_accuracy") if metric == "accuracy" else None})
     return rows
+
+
+# ---------------------------------------------------------------------------------- aggregation
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -79,41 +221,123 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "min": min(values), "n_runs": n}
 
 
+def target_average(values: dict[str, float], targets: Sequence[str]) -> float | None:
+    """THE average of every dsxfer table: the mean over the target languages (None when one is missing)."""
+    if not targets or any(t not in values for t in targets):
+        return None
+    return sum(values[t] for t in targets) / len(targets)
+
+
+@dataclass
+class Table:
+    """One task x metric: per method and language the stats over the method's runs."""
+
+    task: str
+    metric: str
+    data: str
+    source: str
+    targets: list[str]
+    has_source: bool
+    source_assumed: bool = False  # no run had a config.yaml that names its source language
+    methods: list[str] = field(default_factory=list)
+    cells: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (method, lang) -> stats
+    avg: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> stats of the runs' averages
+    n_runs: dict[str, int] = field(default_factory=dict)
+    majority: dict[str, float] = field(default_factory=dict)  # lang -> majority-class rate of the evaluated labels
+
+    @property
+    def columns(self) -> list[str]:
+        return self.targets + (["avg"] if self.targets else []) + ([self.source] if self.has_source else [])
+
+    @property
+    def avg_name(self) -> str:
+        return f"avg ({', '.join(self.targets)})"
+
+    @property
+    def classification(self) -> bool:
+        return self.metric == "accuracy"
+
+    def majority_avg(self) -> float | None:
+        return target_average(self.majority, self.targets)
+
+    def definition(self) -> str:
+        """The sentence every table and chart carries: what the average is and what n is."""
+        ns = sorted(set(self.n_runs.values()))
+        n_text = f"n = {ns[0]}" if len(ns) == 1 else "n = " + "-".join(str(x) for x in (ns[0], ns[-1]))
+        runs = "run" if ns == [1] else "runs (seeds)"
+        avg = (f"avg = mean over the target languages {', '.join(self.targets)}" if self.targets else "no target language")
+        source = (f"source language {self.source}" + (" (assumed: no run config)" if self.source_assumed else "")
+                  + (" shown apart, not in the average" if self.has_source else " (not evaluated)"))
+        return f"{n_text} {runs} per method; {avg}; {source}"
+
+
+def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        grouped[(r["task"], r["metric"])].append(r)
+    tables = []
+    for (task, metric), group in grouped.items():
+        sources = sorted({r["source_lang"] for r in group})
+        if len(sources) > 1:
+            runs = {s: next(r["run"] for r in group if r["source_lang"] == s) for s in sources}
+            raise DataError(f"{task}: runs trained on different source languages ({', '.join(f'{s} in {p}' for s, p in runs.items())}); "
+                            "report them separately, since each table averages over the languages that are not the source")
+        source = sources[0]
+        langs = list(dict.fromkeys(r["lang"] for r in group))
+        t = Table(task, metric, " / ".join(sorted({r["data"] for r in group})), source,
+                  [lang for lang in langs if lang != source], source in langs,
+                  source_assumed=not any(r.get("source_from_config") for r in group))
+        per_cell: dict[tuple[str, str], list[float]] = defaultdict(list)
+        per_run: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+        majority: dict[str, list[float]] = defaultdict(list)
+        for r in group:
+            if r["method"] not in t.methods:
+                t.methods.append(r["method"])
+            per_cell[(r["method"], r["lang"])].append(r["value"])
+            per_run[(r["method"], r["run"])][r["lang"]] = r["value"]
+            if r.get("majority") is not None:
+                majority[r["lang"]].append(float(r["majority"]))
+        t.cells = {key: _stats(values) for key, values in per_cell.items()}
+        averages: dict[str, list[float]] = defaultdict(list)
+        for (method, _run), values in per_run.items():
+            a = target_average(values, t.targets)
+            if a is not None:
+                averages[method].append(a)
+        t.avg = {method: _stats(values) for method, values in averages.items()}
+        t.n_runs = {m: len({run for (mm, run) in per_run if mm == m}) for m in t.methods}
+        t.majority = {lang: sum(v) / len(v) for lang, v in majority.items()}
+        tables.append(t)
+    return sorted(tables, key=lambda t: (t.task, list(METRIC_LABEL).index(t.metric)))
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean, std, min over the runs of each (task, metric, method, lang), plus an 'avg' language."""
-    groups: dict[tuple, list[float]] = defaultdict(list)
-    data_notes: dict[tuple, set[str]] = defaultdict(set)
-    for r in rows:
-        key = (r["task"], r["metric"], r["method"], r["lang"])
-        groups[key].append(r["value"])
-        data_notes[(r["task"], r["metric"])].add(r["data"])
+    """The tables in long format (what report.csv and report.json hold)."""
+    return long_format(build_tables(rows))
+
+
+def long_format(tables: Sequence[Table]) -> list[dict[str, Any]]:
+    """Per task, metric, method and language the stats (mean, std, min, n_runs) and the role target /
+    source / avg; lang 'avg' is the target average; method 'majority class' the majority-class rate."""
     out = []
-    for (task, metric, method, lang), values in groups.items():
-        out.append({"task": task, "metric": metric, "method": method, "lang": lang,
-                    "data": " / ".join(sorted(data_notes[(task, metric)])), **_stats(values)})
-    # the average over languages, per run, then aggregated over the runs of a method like a language
-    per_run: dict[tuple, list[float]] = defaultdict(list)
-    for r in rows:
-        per_run[(r["task"], r["metric"], r["method"], r["run"])].append(r["value"])
-    averages: dict[tuple, list[float]] = defaultdict(list)
-    for (task, metric, method, _run), values in per_run.items():
-        averages[(task, metric, method)].append(sum(values) / len(values))
-    for (task, metric, method), values in averages.items():
-        out.append({"task": task, "metric": metric, "method": method, "lang": "avg",
-                    "data": " / ".join(sorted(data_notes[(task, metric)])), **_stats(values)})
-    return sorted(out, key=lambda a: (a["task"], a["metric"], a["method"], a["lang"] == "avg", a["lang"]))
+    for t in tables:
+        base = {"task": t.task, "metric": t.metric, "data": t.data}
+        for m in t.methods:
+            for lang in t.targets + ([t.source] if t.has_source else []):
+                if (m, lang) in t.cells:
+                    role = "source" if lang == t.source else "target"
+                    out.append({**base, "method": m, "lang": lang, "role": role, **t.cells[(m, lang)]})
+            if m in t.avg:
+                out.append({**base, "method": m, "lang": "avg", "role": "avg", "langs": ",".join(t.targets), **t.avg[m]})
+        for lang, rate in t.majority.items():
+            out.append({**base, "method": MAJORITY_METHOD, "lang": lang, "role": "source" if lang == t.source else "target",
+                        **_stats([rate])})
+        if t.majority_avg() is not None:
+            out.append({**base, "method": MAJORITY_METHOD, "lang": "avg", "role": "avg", "langs": ",".join(t.targets),
+                        **_stats([t.majority_avg()])})
+    return out
 
 
-def _tables(agg: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    tables: dict[tuple[str, str], dict[str, Any]] = {}
-    for a in agg:
-        t = tables.setdefault((a["task"], a["metric"]), {"data": a["data"], "langs": [], "methods": [], "cells": {}})
-        if a["lang"] != "avg" and a["lang"] not in t["langs"]:
-            t["langs"].append(a["lang"])
-        if a["method"] not in t["methods"]:
-            t["methods"].append(a["method"])
-        t["cells"][(a["method"], a["lang"])] = a
-    return tables
+# ------------------------------------------------------------------------------------- markdown
 
 
 def _cell(a: dict[str, Any] | None) -> str:
@@ -124,65 +348,267 @@ def _cell(a: dict[str, Any] | None) -> str:
     return f"{a['mean']:.1f} ± {a['std']:.1f} (min {a['min']:.1f})"
 
 
-def markdown(agg: list[dict[str, Any]]) -> str:
-    parts = []
-    for (task, metric), t in _tables(agg).items():
-        seeds = max(a["n_runs"] for a in t["cells"].values())
-        seed_note = f"; mean ± std (min) over {seeds} runs" if seeds > 1 else ""
-        parts.append(f"### {task}: {METRIC_LABEL[metric]} on {t['data']}{seed_note}\n")
-        cols = t["langs"] + ["avg"]
-        parts.append("| method | " + " | ".join(cols) + " |")
-        parts.append("|---|" + "---|" * len(cols))
-        for m in t["methods"]:
-            parts.append(f"| {m} | " + " | ".join(_cell(t["cells"].get((m, c))) for c in cols) + " |")
-        parts.append("")
-    return "\n".join(parts)
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
-def _plots(agg: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+def table_markdown(t: Table) -> str:
+    seeds = max(t.n_runs.values())
+    how = "mean ± std (min) over the n runs" if seeds > 1 else "the score of the single run"
+    lines = [f"### {t.task}: {METRIC_LABEL[t.metric]} on {t.data}\n", f"{t.definition()}; cells: {how}.\n"]
+    heads = t.targets + ([t.avg_name] if t.targets else []) + ([f"{t.source} (source)"] if t.has_source else [])
+    lines.append("| method | n | " + " | ".join(heads) + " |")
+    lines.append("|---|---|" + "---|" * len(heads))
+    for m in t.methods:
+        cells = [_cell(t.cells.get((m, lang))) for lang in t.targets]
+        if t.targets:
+            cells.append(_cell(t.avg.get(m)))
+        if t.has_source:
+            cells.append(_cell(t.cells.get((m, t.source))))
+        lines.append(f"| {m} | {t.n_runs[m]} | " + " | ".join(cells) + " |")
+    if t.majority:
+        cells = [_rate(t.majority.get(lang)) for lang in t.targets]
+        if t.targets:
+            cells.append(_rate(t.majority_avg()))
+        if t.has_source:
+            cells.append(_rate(t.majority.get(t.source)))
+        lines.append(f"| {MAJORITY_METHOD} (of the evaluated labels) | - | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(tables: Sequence[Table]) -> str:
+    return "\n".join(table_markdown(t) for t in tables)
+
+
+# --------------------------------------------------------------------------------------- charts
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(text, width=width, break_on_hyphens=False)) or text
+
+
+def _cell_stats(t: Table, method: str, lang: str) -> dict[str, float] | None:
+    return t.avg.get(method) if lang == "avg" else t.cells.get((method, lang))
+
+
+def error_bars(t: Table, method: str, langs: Sequence[str]) -> list[float] | None:
+    """The std per language to draw as error bars, or None: a method with a single run has no spread."""
+    if t.n_runs.get(method, 0) <= 1:
+        return None
+    return [(_cell_stats(t, method, lang) or {}).get("std", 0.0) for lang in langs]
+
+
+def _mean(t: Table, method: str, lang: str) -> float:
+    cell = _cell_stats(t, method, lang)
+    return cell["mean"] if cell else float("nan")
+
+
+def fit_title(fig, parts: Sequence[str], *, fontsize: str = "medium"):
+    """The figure's suptitle, each part wrapped and re-wrapped narrower until the text lies inside the figure."""
+    width = max(30, int(fig.get_figwidth() * 12))  # about 12 characters per inch at the medium font size
+    while True:
+        title = fig.suptitle("\n".join(_wrap(p, width) for p in parts), fontsize=fontsize)
+        fig.canvas.draw()  # runs the layout, so the extent is the one the saved image will have
+        box = title.get_window_extent()
+        if (box.x0 >= 0 and box.x1 <= fig.bbox.width) or width <= 20:
+            return title
+        width = int(width * 0.85)
+
+
+def _title_parts(t: Table) -> list[str]:
+    return [f"{t.task}: {METRIC_LABEL[t.metric]} on {t.data}", t.definition()]
+
+
+def bar_figure(t: Table):
+    """Grouped bars: the target languages, their average, then the source language apart (dotted line)."""
+    plt = _pyplot()
     import numpy as np
 
+    groups = t.targets + (["avg"] if t.targets else [])
+    x = list(map(float, range(len(groups))))
+    if t.has_source:
+        groups.append(t.source)
+        x.append(len(x) + 0.5)  # a gap: the source is not one of the averaged languages
+    width_in = max(7.0, 1.1 * len(groups) * max(1, len(t.methods)) / 2 + 3)
+    fig = plt.figure(figsize=(width_in, 4.8 + 0.35 * len(t.methods)), layout="constrained")
+    ax = fig.add_subplot()
+    bar_w = 0.8 / max(1, len(t.methods))
+    for i, m in enumerate(t.methods):
+        offsets = np.array(x) + i * bar_w - 0.4 + bar_w / 2
+        ax.bar(offsets, [_mean(t, m, g) for g in groups], bar_w, yerr=error_bars(t, m, groups), capsize=3,
+               label=_wrap(f"{m} (n={t.n_runs[m]})", 90))
+    if t.classification:
+        _majority_line(ax, t, groups, x)
+    if t.has_source and t.targets:
+        ax.axvline(x[-1] - 0.75, color="0.5", linestyle=":", linewidth=1)
+    ax.set_xticks(x, [t.avg_name.replace(" (", "\n(") if g == "avg" else (f"{g}\n(source)" if g == t.source and t.has_source else g)
+                      for g in groups])
+    ax.set_ylabel(METRIC_LABEL[t.metric])
+    fig.legend(loc="outside lower center", fontsize="small", ncols=1)
+    fit_title(fig, _title_parts(t))
+    return fig
+
+
+def _majority_line(ax, t: Table, groups: list[str], x: list[float]) -> None:
+    """The rate of always predicting the most frequent evaluated label, per language group."""
+    from dsxfer.data.tasks import TASKS
+
+    rates = {**t.majority, **({"avg": t.majority_avg()} if t.majority_avg() is not None else {})}
+    label = "majority class (of the evaluated labels)"
+    if not rates:  # scores written before dsxfer eval recorded the label counts: chance level instead
+        spec = TASKS.get(t.task)
+        if spec is None or not spec.labels:
+            return
+        rates = {g: 100.0 / len(spec.labels) for g in groups}
+        label = f"chance ({100.0 / len(spec.labels):.0f}%, label counts not recorded)"
+    for g, xi in zip(groups, x):
+        if g in rates:
+            line = ax.hlines(rates[g], xi - 0.45, xi + 0.45, colors="k", linestyles="--", linewidth=1.2, label=label)
+            line.set_gid("majority")
+            label = None  # one legend entry
+
+
+def heatmap_figure(t: Table):
+    plt = _pyplot()
+    import numpy as np
+
+    cols = t.columns
+    means = np.array([[_mean(t, m, c) for c in cols] for m in t.methods])
+    width_in = max(7.0, 0.9 * len(cols) + 5)
+    fig = plt.figure(figsize=(width_in, 0.7 * len(t.methods) + 2.6), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(means, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(cols)), [t.avg_name.replace(" (", "\n(") if c == "avg" else
+                                     (f"{c}\n(source)" if c == t.source and t.has_source else c) for c in cols])
+    ax.set_yticks(range(len(t.methods)), [_wrap(f"{m} (n={t.n_runs[m]})", 45) for m in t.methods], fontsize="small")
+    lo, hi = np.nanmin(means), np.nanmax(means)
+    for i in range(len(t.methods)):
+        for j in range(len(cols)):
+            if not np.isnan(means[i, j]):
+                bright = hi > lo and (means[i, j] - lo) / (hi - lo) > 0.6  # viridis is light at the top
+                ax.text(j, i, f"{means[i, j]:.1f}", ha="center", va="center", color="k" if bright else "w", fontsize=9)
+    if t.has_source and t.targets:
+        ax.axvline(len(cols) - 1.5, color="w", linewidth=4)  # the source column stands apart
+    fig.colorbar(im, ax=ax, label=METRIC_LABEL[t.metric])
+    fit_title(fig, _title_parts(t))
+    return fig
+
+
+def _plots(tables: list[Table], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
     written = []
-    for (task, metric), t in _tables(agg).items():
-        langs, methods = t["langs"], t["methods"]
-        means = np.array([[t["cells"].get((m, lang), {}).get("mean", np.nan) for lang in langs] for m in methods])
-        stds = np.array([[t["cells"].get((m, lang), {}).get("std", 0.0) for lang in langs] for m in methods])
-        title = f"{task} {METRIC_LABEL[metric]} ({t['data']})"
-
-        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(langs) * max(1, len(methods)) / 2 + 3), 4))
-        width = 0.8 / len(methods)
-        x = np.arange(len(langs))
-        for i, m in enumerate(methods):
-            ax.bar(x + i * width - 0.4 + width / 2, means[i], width, yerr=stds[i], capsize=2, label=m)
-        ax.set_xticks(x, langs)
-        ax.set_ylabel(METRIC_LABEL[metric])
-        ax.set_title(title)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        bar_path = out_dir / f"{task}_{metric}_bars.png"
-        fig.savefig(bar_path, dpi=100)
-        plt.close(fig)
-
-        fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(langs) + 3), 0.5 * len(methods) + 2))
-        im = ax.imshow(means, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(langs)), langs)
-        ax.set_yticks(range(len(methods)), methods)
-        for i in range(len(methods)):
-            for j in range(len(langs)):
-                if not np.isnan(means[i, j]):
-                    ax.text(j, i, f"{means[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
-        fig.colorbar(im, ax=ax, label=METRIC_LABEL[metric])
-        ax.set_title(title)
-        fig.tight_layout()
-        heat_path = out_dir / f"{task}_{metric}_heatmap.png"
-        fig.savefig(heat_path, dpi=100)
-        plt.close(fig)
-        written += [bar_path, heat_path]
+    for t in tables:
+        for kind, build in (("bars", bar_figure), ("heatmap", heatmap_figure)):
+            fig = build(t)
+            path = out_dir / f"{t.task}_{t.metric}_{kind}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------------- training curves
+
+
+_LOG_STEP = re.compile(r"^step (\d+) \| loss \S+ \(task ([^,]+), align ([^,]+),")
+_LOG_COS = re.compile(r"\| cos (\S+) (\S+)")
+
+
+def read_training_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalar series of a run: {'loss/task': [(step, value)], 'loss/align': ..., 'align/cosine/<lang>': ...}.
+
+    From the TensorBoard event files in <run_dir>/tb (read with tensorboard's EventAccumulator), else
+    parsed from <run_dir>/train.log; {} when the run has neither.
+    """
+    run = Path(run_dir)
+    tb = run / "tb"
+    if tb.is_dir() and any(tb.glob("events.out.tfevents.*")):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0 = keep every point
+        acc.Reload()
+        wanted = [t for t in acc.Tags()["scalars"] if t in ("loss/task", "loss/align") or t.startswith("align/cosine/")]
+        return {t: sorted((e.step, e.value) for e in acc.Scalars(t)) for t in wanted}
+    log = run / "train.log"
+    if not log.is_file():
+        return {}
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for line in log.read_text(encoding="utf-8").splitlines():
+        m = _LOG_STEP.match(line)
+        if not m:
+            continue
+        step = int(m.group(1))
+        series["loss/task"].append((step, float(m.group(2))))
+        series["loss/align"].append((step, float(m.group(3))))
+        for lang, value in _LOG_COS.findall(line):
+            series[f"align/cosine/{lang}"].append((step, float(value)))
+    return dict(series)
+
+
+def training_curve_figure(series: dict[str, list[tuple[int, float]]], title: str, *, alignment: bool):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
+    panels = [("loss/task", "task loss"), ("loss/align", "alignment loss")]
+    def empty(ax, text):
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for ax, (tag, name) in zip(axes, panels):
+        points = series.get(tag, [])
+        if tag == "loss/align" and not alignment:
+            empty(ax, "alignment off in this run\n(no alignment loss)")
+        elif points:
+            ax.plot([s for s, _ in points], [v for _, v in points], marker=".")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("loss")
+        else:
+            empty(ax, f"no {name} logged")
+        ax.set_title(name)
+    ax = axes[2]
+    cosines = sorted(t for t in series if t.startswith("align/cosine/"))
+    for tag in cosines:
+        ax.plot([s for s, _ in series[tag]], [v for _, v in series[tag]], marker=".", label=tag.rsplit("/", 1)[1])
+    if cosines:
+        ax.legend(fontsize="small", title="language")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cosine")
+    else:
+        empty(ax, "no alignment probes logged\n(no align/cosine/* in this run's logs)")
+    ax.set_title("alignment cosine, student vs teacher")
+    fit_title(fig, [title])
+    return fig
+
+
+def write_training_curves(run_dir: str | Path, out_path: str | Path, label: str | None = None) -> Path | None:
+    """One PNG of a run's task loss, alignment loss and per-language alignment cosine; None without logs."""
+    series = read_training_curves(run_dir)
+    if not series:
+        return None
+    cfg = read_run_config(run_dir)
+    alignment = bool(cfg and cfg["alignment"]["enabled"])
+    title = f"{Path(run_dir).name}: {label or (describe_run(cfg) if cfg else Path(run_dir).name)}"
+    fig = training_curve_figure(series, title, alignment=alignment)
+    out = Path(out_path)
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+# ----------------------------------------------------------------------------------- the report
 
 
 def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path, *, plots: bool = True) -> dict[str, Any]:
@@ -192,17 +618,35 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path, *, plot
     rows = load_runs(run_dirs)
     if not rows:
         raise DataError("the scores.json files hold no results; rerun dsxfer eval")
-    agg = aggregate(rows)
+    tables = build_tables(rows)
+    agg = long_format(tables)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(agg)
+    images = _plots(tables, out) if plots else []
+    curves: list[Path] = []
+    if plots:
+        labels = {r["run_dir"]: r["method"] for r in rows if r["run_dir"]}
+        used: set[str] = set()
+        for run_dir, label in labels.items():
+            name = _slug(Path(run_dir).name)
+            while name in used:
+                name += "_"
+            used.add(name)
+            path = write_training_curves(run_dir, out / f"curves_{name}.png", label)
+            if path is not None:
+                curves.append(path)
+    md = markdown(tables)
+    if images or curves:
+        md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images + curves) + "\n"
     (out / "report.md").write_text(md, encoding="utf-8")
-    fields = ["task", "data", "metric", "method", "lang", "mean", "std", "min", "n_runs"]
+    fields = ["task", "data", "metric", "method", "lang", "role", "langs", "mean", "std", "min", "n_runs"]
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(agg)
-    doc = {"runs": [str(r) for r in run_dirs], "aggregate": agg, "per_run": rows}
+    doc = {"runs": [str(r) for r in run_dirs], "definition": {f"{t.task}/{t.metric}": t.definition() for t in tables},
+           "aggregate": agg, "per_run": rows}
     (out / "report.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
-    images = _plots(agg, out) if plots else []
-    return {"markdown": md, "aggregate": agg, "images": [str(p) for p in images], "output_dir": str(out)}
+    methods = {r["run_dir"]: r["method"] for r in rows if r["run_dir"]}
+    return {"markdown": md, "aggregate": agg, "tables": tables, "images": [str(p) for p in images],
+            "curves": [str(p) for p in curves], "methods": methods, "output_dir": str(out)}

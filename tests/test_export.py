@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dsxfer import engine as eng
-from dsxfer.export import export_run
+from dsxfer.export import TOLERANCE, export_model, export_run
 from dsxfer.model import load_trained
 from dsxfer.train import TrainData, run_training
 from test_engine import ds_json, tiny_cfg
@@ -59,27 +59,55 @@ def _train(tmp_path, arch, name, ds=None, **sections):
     return tmp_path / name, folder, ids, mask
 
 
-def _dsxfer_hidden(run_dir, ids, mask):
+def _dsxfer_outputs(run_dir, ids, mask):
+    """dsxfer's last hidden states on the real tokens and its QA start logits, for the same input."""
     model = load_trained(run_dir)
     with torch.no_grad():
         out, n = model._encode(ids, mask, None, prompted=True)
-    return out.last_hidden_state[:, n:], n
+        start = model({"input_ids": ids, "attention_mask": mask})["start_logits"]
+    return out.last_hidden_state[:, n:], start
+
+
+def run_readme_code(folder):
+    """Run the loading code of an exported folder's README.md as a PEFT user would; returns its namespace."""
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    placeholder = f'"path/to/{folder.name}"'
+    assert placeholder in code
+    exec(compile(code.replace(placeholder, repr(str(folder))), str(folder / "README.md"), "exec"), namespace)
+    return namespace
+
+
+def assert_peft_reproduces_dsxfer(folder, run, ids, mask):
+    """The README's PEFT code gives dsxfer's hidden states (real tokens) and head logits to 1e-5; returns the states."""
+    ns = run_readme_code(folder)
+    with torch.no_grad():
+        states, logits = ns["encode"](ids, mask)
+    ours, start = _dsxfer_outputs(run, ids, mask)
+    real = mask.bool()
+    assert states.shape == ours.shape
+    assert (states[real] - ours[real]).abs().max() <= TOLERANCE
+    torch.testing.assert_close(logits[0][real], start[real], atol=TOLERANCE, rtol=0)
+    assert type(ns["model"]).__name__ == "PeftModelForFeatureExtraction"
+    return states, ns
+
+
+def assert_folder_is_complete(folder, tiny_folder):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "FEATURE_EXTRACTION"
+    assert config["base_model_name_or_path"] == str(tiny_folder.resolve())
+    for name in ("adapter_model.safetensors", "head.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).is_file(), name
 
 
 def test_prompt_tuning_export_matches_dsxfer(tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModel
-
     run, folder, ids, mask = _train(tmp_path, "xlm-roberta", "prompt", prompts={"length": 3}, injection={"length": 0})
     lines = export_run(run)
-    out = run / "export"
+    out = run / "export" / "peft_prompt_tuning"
     assert any("PROMPT_TUNING" in line for line in lines)
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(folder)), str(out / "peft_prompt_tuning")).eval()
-    with torch.no_grad():
-        theirs = peft_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    ours, n = _dsxfer_hidden(run, ids, mask)
-    assert n == 3 and theirs.shape[1] == ids.shape[1] + 3
-    torch.testing.assert_close(theirs[:, n:][mask.bool()], ours[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert_folder_is_complete(out, folder)
+    states, _ = assert_peft_reproduces_dsxfer(out, run, ids, mask)
     # the head file is the trained head, which turns these states into dsxfer's start/end logits
     head = load_file(str(out / "head.safetensors"))
     trained = load_file(str(run / "trainable.safetensors"))
@@ -87,29 +115,76 @@ def test_prompt_tuning_export_matches_dsxfer(tmp_path):
 
 
 def test_lora_export_matches_dsxfer(tmp_path):
-    from peft import PeftModel
     from transformers import AutoModel
 
     run, folder, ids, mask = _train(tmp_path, "xlm-roberta", "lora", prompts={"length": 0}, injection={"length": 0},
                                     adapters={"lora": True, "r": 4, "alpha": 8, "target_modules": ["query", "value"]})
     lines = export_run(run)
     assert any("PEFT LORA" in line for line in lines)
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(folder)), str(run / "export" / "peft_lora")).eval()
+    out = run / "export" / "peft_lora"
+    assert_folder_is_complete(out, folder)
+    theirs, _ = assert_peft_reproduces_dsxfer(out, run, ids, mask)
     with torch.no_grad():
-        theirs = peft_model(input_ids=ids, attention_mask=mask).last_hidden_state
         plain = AutoModel.from_pretrained(str(folder)).eval()(input_ids=ids, attention_mask=mask).last_hidden_state
-    ours, _ = _dsxfer_hidden(run, ids, mask)
-    torch.testing.assert_close(theirs[mask.bool()], ours[mask.bool()], atol=1e-5, rtol=1e-5)
     assert (theirs - plain).abs().max() > 1e-4  # the trained LoRA changed the outputs: the match is not trivial
 
 
-def test_zero3_export_holds_trained_values_and_encoder_prefix_is_refused(tmp_path):
+@pytest.mark.parametrize("arch", ["xlm-roberta", "bert"])
+def test_prefix_tuning_export_matches_dsxfer_on_an_encoder(tmp_path, arch):
+    run, folder, ids, mask = _train(tmp_path, arch, "prefix", prompts={"length": 0},
+                                    injection={"length": 3, "layers": "all", "reparam": True, "reparam_hidden": 8})
+    lines = export_run(run)
+    assert any("PEFT PREFIX_TUNING" in line and "wrote" in line for line in lines), lines
+    out = run / "export" / "peft_prefix_tuning"
+    assert_folder_is_complete(out, folder)
+    theirs, ns = assert_peft_reproduces_dsxfer(out, run, ids, mask)
+    # without the README's position_ids PEFT moves real tokens P positions on: far from dsxfer's states
+    real = mask.bool()
+    with torch.no_grad():
+        shifted = ns["model"](input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = ns["model"].get_base_model()(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (shifted[real] - theirs[real]).abs().max() > 0.1
+    assert (theirs[real] - plain[real]).abs().max() > 1e-4  # the prefixes do change the outputs
+
+
+def test_prefixes_in_some_layers_are_not_exported_to_peft(tmp_path):
+    from peft import PeftModel
+
+    run, folder, ids, mask = _train(tmp_path, "xlm-roberta", "topk", prompts={"length": 0},
+                                    injection={"length": 3, "layers": "top_k", "top_k": 1, "reparam": False})
+    lines = export_run(run)
+    skipped = [line for line in lines if line.startswith("skipped PEFT PREFIX_TUNING")]
+    assert skipped and "injected in layers [1] only" in skipped[0] and "injection.layers=all" in skipped[0]
+    assert not (run / "export" / "peft_prefix_tuning").exists()
+    assert "No PEFT folder" in (run / "export" / "README.md").read_text()
+    # why: the closest PEFT table (zero keys and values in layer 0) does not reproduce the run
+    prefixes = load_file(str(run / "export" / "prefixes.safetensors"))
+    k, v = prefixes["prefix.1.key"], prefixes["prefix.1.value"]
+    flat = [t.permute(1, 0, 2).reshape(3, -1) for t in (torch.zeros_like(k), torch.zeros_like(v), k, v)]
+    from peft import PrefixTuningConfig
+
+    adapter = tmp_path / "zero_filled"
+    PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3, token_dim=32, num_transformer_submodules=1,
+                       num_attention_heads=4, num_layers=2, base_model_name_or_path=str(folder)).save_pretrained(str(adapter))
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    save_file({"prompt_embeddings": torch.cat(flat, 1).contiguous()}, str(adapter / "adapter_model.safetensors"))
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(folder)), str(adapter)).eval()
+    position_ids = (torch.arange(ids.shape[1]) + 2 - 3).expand_as(ids)
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+    ours, _ = _dsxfer_outputs(run, ids, mask)
+    assert (theirs[mask.bool()] - ours[mask.bool()]).abs().max() > 1e-4
+
+
+def test_zero3_export_holds_trained_values(tmp_path):
     raw = ds_json(3)
     raw["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     run, folder, ids, mask = _train(tmp_path, "xlm-roberta", "z3", ds=raw, prompts={"length": 2},
                                     injection={"length": 2, "reparam": True, "reparam_hidden": 8})
     lines = export_run(run)
-    assert any("skipped PEFT PREFIX_TUNING: peft refuses encoder" in line for line in lines)
+    assert any("wrote" in line and "PEFT PREFIX_TUNING" in line for line in lines), lines
     merged = load_file(str(run / "export" / "prefixes.safetensors"))  # the MLP evaluated: (Hkv, P, D) per layer
     assert sorted(merged) == ["prefix.0.key", "prefix.0.value", "prefix.1.key", "prefix.1.value"]
     assert all(v.shape == (4, 2, 8) for v in merged.values())
@@ -125,7 +200,6 @@ def test_zero3_export_holds_trained_values_and_encoder_prefix_is_refused(tmp_pat
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_prefix_tuning_export_matches_dsxfer_on_a_decoder(tmp_path, arch):
-    from peft import PeftModel
     from transformers import AutoModel
 
     run, folder, ids, mask = _train(tmp_path, arch, "prefix", prompts={"length": 0},
@@ -133,10 +207,64 @@ def test_prefix_tuning_export_matches_dsxfer_on_a_decoder(tmp_path, arch):
     mask = torch.ones_like(mask)  # decoders: right padding does not change earlier positions; compare full rows
     lines = export_run(run)
     assert any("PEFT PREFIX_TUNING" in line and "wrote" in line for line in lines), lines
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(folder)), str(run / "export" / "peft_prefix_tuning")).eval()
-    with torch.no_grad():  # peft puts real tokens at positions P.. (the export compensates, see dsxfer.export)
-        theirs = peft_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = run / "export" / "peft_prefix_tuning"
+    assert_folder_is_complete(out, folder)
+    assert "position_ids" not in (out / "README.md").read_text()  # the rotated keys compensate: plain call
+    theirs, _ = assert_peft_reproduces_dsxfer(out, run, ids, mask)
+    with torch.no_grad():
         plain = AutoModel.from_pretrained(str(folder)).eval()(input_ids=ids, attention_mask=mask).last_hidden_state
-    ours, _ = _dsxfer_hidden(run, ids, mask)
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     assert (theirs - plain).abs().max() > 1e-4
+
+
+def test_base_model_reference_resolves(tmp_path, monkeypatch):
+    from dsxfer.backbone import EMBEDDED_MODEL_NAME
+    from dsxfer.export import base_model_reference
+    from tiny_backbones import config
+
+    folder, _ = _tiny_folder(tmp_path, "bert")
+    monkeypatch.chdir(tmp_path)
+    assert base_model_reference(config()) == EMBEDDED_MODEL_NAME  # model.name_or_path empty = the embedded default
+    assert base_model_reference(config(f"model.name_or_path={folder.name}")) == str(folder.resolve())  # relative -> absolute
+    assert base_model_reference(config("model.name_or_path=org/some-model")) == "org/some-model"  # a hub name as given
+
+
+def test_embedded_model_export_loads_the_documented_way(tmp_path, embedded_path):
+    """The embedded default exports under a name dsxfer maps to its cache; the README's code loads it."""
+    from dsxfer.backbone import EMBEDDED_MODEL_NAME, resolve_model_path
+    from dsxfer.model import build_transfer_model
+    from tiny_backbones import config
+
+    assert resolve_model_path(EMBEDDED_MODEL_NAME) == str(embedded_path) == resolve_model_path(None)
+    cfg = config("prompts.length=2", "injection.length=0", f"train.output_dir={tmp_path / 'run'}")
+    model = build_transfer_model(cfg).eval()
+    lines = export_model(model, None, tmp_path / "export", cfg.to_yaml())
+    out = tmp_path / "export" / "peft_prompt_tuning"
+    assert any("PROMPT_TUNING" in line for line in lines)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_MODEL_NAME
+    ns = run_readme_code(out)
+    ids = model.tokenizer(["Wo schläft die Katze?", "The cat sleeps."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states, _ = ns["encode"](ids["input_ids"], ids["attention_mask"])
+        out_ours, n = model._encode(ids["input_ids"], ids["attention_mask"], None, prompted=True)
+    real = ids["attention_mask"].bool()
+    assert (states[real] - out_ours.last_hidden_state[:, n:][real]).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "llama"])
+def test_classification_export_readme_reproduces_the_logits(tmp_path, arch):
+    """The README's head code for a classification run: first token (encoder) or last real token (decoder)."""
+    from dsxfer.model import build_transfer_model
+    from tiny_backbones import config
+
+    folder, tokenizer = _tiny_folder(tmp_path, arch)
+    cfg = config(f"model.name_or_path={folder}", "model.task=classification", "prompts.length=2", "injection.length=0")
+    model = build_transfer_model(cfg).eval()
+    with torch.no_grad():
+        model.head.out.bias.copy_(torch.tensor([0.3, -0.2]))  # a head that is not its initial value
+    export_model(model, None, tmp_path / "export", cfg.to_yaml())
+    ns = run_readme_code(tmp_path / "export" / "peft_prompt_tuning")
+    _, ids, mask = _qa_batches(tokenizer)
+    with torch.no_grad():
+        _, logits = ns["encode"](ids, mask)
+        ours = model({"input_ids": ids, "attention_mask": mask})["logits"]
+    torch.testing.assert_close(logits, ours, atol=TOLERANCE, rtol=0)
