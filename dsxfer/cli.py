@@ -99,15 +99,32 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: {summary['step']} steps ({summary['stopped']}); outputs in {summary['output_dir']}")
 
 
+def _eval_files(args: argparse.Namespace, config_files: list[str]) -> list[tuple[str, str]]:
+    """(path, lang) pairs from --file/--lang (in order), else from the config's eval.files ('PATH:LANG')."""
+    from dsxfer.evaluate import parse_file_entry
+
+    files, langs = args.file or [], args.lang or []
+    if langs and not files:
+        raise UsageError("eval: --lang names the language of a --file; for a benchmark task use --langs (e.g. --langs de,es)")
+    if len(files) != len(langs):
+        raise UsageError(f"eval: {len(files)} --file but {len(langs)} --lang: give one --lang after each --file, in order")
+    if files:
+        return list(zip(files, langs))
+    return [parse_file_entry(entry, "eval.files") for entry in config_files]
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from dsxfer.config import load_config
 
     # the config (file + overrides) supplies every flag left out: eval.*, data.data_dir, data.on_error, model.name_or_path
     cfg = load_config(args.config, args.overrides)
+    files = _eval_files(args, cfg.eval.files)
     if args.model and args.run_dir:
         raise UsageError("eval: give --model (a backbone with a fresh head) or --run_dir (a trained run), not both")
+    if files and args.langs:
+        raise UsageError("eval: --langs selects languages of a benchmark task; with --file give one --lang per file")
     task = args.task
-    if task is None:
+    if task is None and not files:
         if len(cfg.eval.tasks) != 1:
             raise UsageError(f"eval: the config lists eval.tasks={cfg.eval.tasks}; pick one with --task")
         task = cfg.eval.tasks[0]
@@ -117,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return config_value if flag is None else flag
 
     output_dir = pick(args.output_dir, "runs/eval")
-    doc = run_eval(task, pick(args.langs, cfg.eval.langs), run_dir=args.run_dir,
+    doc = run_eval(task, pick(args.langs, cfg.eval.langs), files=files, run_dir=args.run_dir,
                    model=pick(args.model, None if args.run_dir else cfg.model.name_or_path),
                    max_examples=pick(args.max_examples, cfg.eval.max_examples), output_dir=output_dir,
                    batch_size=pick(args.batch_size, cfg.eval.batch_size), seed=args.seed, data_dir=pick(args.data_dir, cfg.data.data_dir),
@@ -125,7 +142,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
                    max_answer_length=pick(args.max_answer_length, cfg.eval.max_answer_length),
                    on_error=pick(args.on_error, cfg.data.on_error))
     print(format_scores(doc))
-    print(f"wrote {output_dir}/scores.json and " + ", ".join(f"predictions_{r['lang']}.json" for r in doc["results"]))
+    print(f"wrote {output_dir}/scores.json and " + ", ".join(r["predictions"] for r in doc["results"]))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from dsxfer.evaluate import format_scores, score_predictions
+
+    if args.task is None and args.file is None:
+        raise UsageError("score: name the gold data: --task TASK --lang LANG, or --file PATH --lang LANG")
+    doc = score_predictions(args.predictions, task=args.task, lang=args.lang, file=args.file, data_dir=args.data_dir,
+                            on_error=args.on_error, output_dir=args.output_dir)
+    print(format_scores(doc))
+    (r,) = doc["results"]
+    n_gold = r["n_examples"]
+    if r["missing"]["count"]:
+        print(f"missing: {r['missing']['count']} of {n_gold} gold ids have no prediction and score 0 (as in the official scripts), "
+              f"e.g. {', '.join(r['missing']['examples'])}")
+    if r["extra"]["count"]:
+        print(f"extra: {r['extra']['count']} prediction(s) for ids not in the gold data were ignored, e.g. {', '.join(r['extra']['examples'])}")
+    if args.output_dir:
+        print(f"wrote {args.output_dir}/scores.json")
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
@@ -206,18 +242,27 @@ def build_parser() -> _Parser:
     p.add_argument("--deepspeed", metavar="PATH", help="a DeepSpeed JSON (ds_configs/zero*.json); without it ZeRO-0 built from the config")
     p.set_defaults(takes_overrides=True)
 
-    p = command("eval", cmd_eval, "evaluate a backbone or a trained run per language; write predictions and scores",
-                "Flags left out take the config's value (eval.*, data.data_dir, data.on_error, model.name_or_path).\n"
-                "Writes predictions_<lang>.json (official format) and scores.json into --output_dir and prints a table.")
+    p = command("eval", cmd_eval, "evaluate a backbone or a trained run per language, or on your own files; write predictions and scores",
+                "A benchmark task (--task, --langs) or your own test files (--file PATH --lang CODE, repeatable, or the\n"
+                "config's eval.files): SQuAD-format .json, PAWS-X .tsv (with or without the header id/sentence1/sentence2/label)\n"
+                "or .jsonl. Flags left out take the config's value (eval.*, data.data_dir, data.on_error, model.name_or_path).\n"
+                "With --run_dir, rows the run trained on (its k shots in shots.json, its source rows in train_rows.json) are\n"
+                "left out of the same task's evaluation and counted in the table and scores.json.\n"
+                "Writes predictions_<lang or file>.json (official format) and scores.json into --output_dir and prints a table.")
     _add_overrides(p)
     p.add_argument("--config", metavar="PATH", help="a YAML config whose eval/data/model sections give the defaults of the flags below")
-    p.add_argument("--task", metavar="TASK", help="xquad, mlqa or pawsx (default: the config's eval.tasks, xquad)")
+    p.add_argument("--task", metavar="TASK", help="xquad, mlqa or pawsx (default: the config's eval.tasks, xquad); with --file it "
+                   "chooses the metric and marks the file as that benchmark's rows")
     p.add_argument("--langs", metavar="LIST", help="all, or a comma list of the task's languages (MLQA also context-question pairs "
                    "such as de-en) (default: the config's eval.langs, all)")
+    p.add_argument("--file", action="append", metavar="PATH", help="your own test file (.json SQuAD format, .tsv PAWS-X, .jsonl); "
+                   "repeatable, each followed by its --lang")
+    p.add_argument("--lang", action="append", metavar="CODE", help="language of the preceding --file (names it in the table; "
+                   "the MLQA metric's language with --task mlqa)")
     p.add_argument("--model", metavar="NAME_OR_PATH", help="an HF model name or folder with a fresh seeded head (default: the config's "
                    "model.name_or_path, else the embedded model)")
     p.add_argument("--run_dir", metavar="DIR", help="a trained run (its config.yaml and trainable.safetensors) instead of --model")
-    p.add_argument("--max_examples", type=_positive_int, metavar="N", help="a fixed seeded subset of N rows per language "
+    p.add_argument("--max_examples", type=_positive_int, metavar="N", help="a fixed seeded subset of N rows per language or file "
                    "(default: the config's eval.max_examples, all)")
     p.add_argument("-o", "--output_dir", metavar="DIR", help="where predictions and scores.json go (default: runs/eval)")
     p.add_argument("--batch_size", type=_positive_int, metavar="N", help="features per batch (default: the config's eval.batch_size, 32)")
@@ -231,6 +276,18 @@ def build_parser() -> _Parser:
     p.add_argument("--on_error", choices=("raise", "skip"), help="a bad record stops (raise) or is left out and counted in scores.json "
                    "(skip) (default: data.on_error, raise)")
     p.set_defaults(takes_overrides=True)
+
+    p = command("score", cmd_score, "score an existing prediction file with dsxfer's metrics (SQuAD v1.1 / MLQA EM and F1, accuracy)",
+                "PREDICTIONS is the official format: {question_id: answer_text} for QA, {id: label} for classification.\n"
+                "The gold data is a benchmark language (--task --lang) or your file (--file --lang). A gold id without\n"
+                "a prediction scores 0, as in the official SQuAD script; missing and extra ids are counted and named.")
+    p.add_argument("predictions", metavar="PREDICTIONS", help="the prediction JSON file")
+    p.add_argument("--task", metavar="TASK", help="xquad, mlqa or pawsx: the gold data (with --lang) or, with --file, the metric")
+    p.add_argument("--lang", required=True, metavar="CODE", help="language of the gold data (MLQA: also pairs such as de-en)")
+    p.add_argument("--file", metavar="PATH", help="your own gold file (.json SQuAD format, .tsv PAWS-X, .jsonl) instead of a benchmark")
+    p.add_argument("--data_dir", metavar="DIR", help="benchmark data folder (default: $DSXFER_DATA, ../shared/data)")
+    p.add_argument("--on_error", choices=("raise", "skip"), default="raise", help="a bad gold record stops (raise) or is left out (skip)")
+    p.add_argument("-o", "--output_dir", metavar="DIR", help="also write scores.json there (for dsxfer report)")
 
     p = command("export", cmd_export, "export a trained run: trainable.safetensors + config.yaml and PEFT adapter folders where they map",
                 "Soft prompt -> PROMPT_TUNING, prefixes -> PREFIX_TUNING (decoders), LoRA -> LORA.")

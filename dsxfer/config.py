@@ -151,6 +151,8 @@ class EvalConfig:
     batch_size: int = _f(32, "features per evaluation batch")
     n_best: int = _f(20, "start/end candidates considered when decoding an answer span")
     max_answer_length: int = _f(30, "longest answer span in tokens")
+    files: list[str] = _f([], "your own test files for dsxfer eval, each 'PATH:LANG' (SQuAD-format .json, PAWS-X .tsv with or "
+                             "without header, .jsonl); scored per file and named in the table instead of a benchmark")
 
 
 @dataclass

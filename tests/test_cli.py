@@ -41,6 +41,7 @@ def _one_error_line(r: subprocess.CompletedProcess) -> str:
     (["demo", "--output-dir", "{tmp}/demo"], "did you mean '--output_dir'?"),
     (["report", "{tmp}/run", "--noplots", "-o", "{tmp}/report"], "did you mean '--no-plots'?"),
     (["prepare-model", "--forse", "--cache", "{tmp}/cache"], "did you mean '--force'?"),
+    (["score", "{tmp}/p.json", "--tsak", "xquad", "--lang", "de"], "did you mean '--task'?"),
     (["config", "show", "--confg", "configs/demo.yaml"], "did you mean '--config'?"),
     (["config", "help", "--all"], "unknown flag '--all'"),
 ])
@@ -86,6 +87,7 @@ def test_bad_values_are_one_line():
     assert "argument --max_examples: must be > 0, got 0" in _one_error_line(_run("eval", "--max_examples", "0")[0])
     assert "argument --on_error: invalid choice: 'ignore'" in _one_error_line(_run("eval", "--on_error", "ignore")[0])
     assert "unexpected argument 'extra'" in _one_error_line(_run("export", "run", "extra")[0])
+    assert "the following arguments are required: --lang" in _one_error_line(_run("score", "p.json", "--task", "xquad")[0])
 
 
 def test_version_is_the_installed_package_version():
@@ -98,7 +100,7 @@ def test_version_is_the_installed_package_version():
 def test_help_lists_each_command_once_and_explains_every_flag():
     r, _ = _run("--help")
     assert r.returncode == 0
-    commands = ["config", "demo", "train", "eval", "export", "prepare-model", "report"]
+    commands = ["config", "demo", "train", "eval", "score", "export", "prepare-model", "report"]
     for name in commands:
         assert sum(line.split()[0] == name for line in r.stdout.splitlines() if line.strip()) == 1, (name, r.stdout)
     assert "prepare_model" not in r.stdout and "--version" in r.stdout
@@ -120,12 +122,13 @@ def test_help_lists_each_command_once_and_explains_every_flag():
             elif action.dest != "help":
                 assert action.help and len(action.help) > 10, (p.prog, action.dest)
     eval_help = _run("eval", "--help")[0].stdout
-    for flag in ("--run_dir DIR", "--task TASK", "--config PATH"):
+    for flag in ("--file PATH", "--lang CODE", "--run_dir DIR", "--task TASK", "--config PATH"):
         assert flag in eval_help
 
 
 def test_comma_lists_in_overrides_and_flags():
-    r, _ = _run("config", "show", "alignment.target_langs=deu,fra", "injection.layers=10,11")
+    r, _ = _run("config", "show", "alignment.target_langs=deu,fra", "injection.layers=10,11", "eval.files=a.json:de,b.tsv:fr")
     assert r.returncode == 0, r.stderr
     assert "target_langs:\n  - deu\n  - fra\n" in r.stdout
     assert "layers:\n  - 10\n  - 11\n" in r.stdout
+    assert "files:\n  - a.json:de\n  - b.tsv:fr\n" in r.stdout

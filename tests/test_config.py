@@ -89,6 +89,7 @@ def test_cli_config_show_applies_override():
     ("injection.layers=11", [11]),
     ("injection.layers=all", "all"),  # the field takes the scalar as it is
     ("eval.langs=de, es", ["de", "es"]),
+    ("eval.files=my.json:de,pairs.tsv:fr", ["my.json:de", "pairs.tsv:fr"]),
     ("model.name_or_path=a,b", "a,b"),  # scalar fields keep commas
 ])
 def test_list_overrides_take_comma_lists(override, expected):
