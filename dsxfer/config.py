@@ -153,6 +153,8 @@ class EvalConfig:
     batch_size: int = _f(32, "features per evaluation batch", gt=0)
     n_best: int = _f(20, "start/end candidates considered when decoding an answer span", gt=0)
     max_answer_length: int = _f(30, "longest answer span in tokens", gt=0)
+    files: list[str] = _f([], "your own test files for dsxfer eval, each 'PATH:LANG' (SQuAD-format .json, PAWS-X .tsv with or "
+                             "without header, .jsonl); scored per file and named in the table instead of a benchmark")
 
 
 @dataclass
@@ -301,16 +303,45 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
 # ------------------------------------------------------------------------------------ loading
 
 
+def _read_yaml_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _list_field_type(path: list[str]) -> Any | None:
+    """The type of the config field at path when it can hold a list, else None (unknown keys are reported later)."""
+    tp: Any = ExperimentConfig
+    for part in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return tp if any(typing.get_origin(o) is list for o in options) else None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-3' -> (['train', 'lr'], 0.003). The value is read as YAML."""
+    """'train.lr=3e-3' -> (['train', 'lr'], 0.003). The value is read as YAML.
+
+    A list field also takes a comma list without brackets, as the command-line flags do:
+    'alignment.target_langs=deu,fra' is ['deu', 'fra'], and a single value is a list of one
+    ('injection.layers=11' -> [11]), unless the field takes that value as it is ('injection.layers=all').
+    """
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=3e-3)")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+    path = key.strip().split(".")
+    value = _read_yaml_value(raw)
+    list_type = _list_field_type(path)
+    if list_type is not None and not isinstance(value, (list, dict)) and raw.strip() and _coerce(value, list_type) is _MISMATCH:
+        pieces = [piece.strip() for piece in raw.split(",") if piece.strip()]
+        # each item is read as YAML (10 -> 10), except one YAML would read as a mapping ('a: b'), kept as text
+        value = [item if not isinstance(item := _read_yaml_value(piece), (list, dict)) else piece for piece in pieces]
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

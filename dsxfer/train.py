@@ -596,7 +596,8 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
             return scores
 
     used = {"source_examples": len(pool), "source_dev_examples": len(dev), "shots": shots, "test_rows": {"tasks": split_tasks, "ids": sorted(held_out)} if held_out else None,
-            "task_features": task.n, "pseudo_examples": len(pseudo), "parallel_pairs": n_pairs, "source_dev_ids": [ex.id for ex in dev]}
+            "task_features": task.n, "pseudo_examples": len(pseudo), "parallel_pairs": n_pairs, "source_dev_ids": [ex.id for ex in dev],
+            "train_rows": {"task": None if d.train_files else d.train_task, "ids": sorted({ex.id for ex in pool})}}
     log(f"data: {len(pool)} {d.train_task} {d.source_lang} training examples + "
         f"{sum(len(v) for v in shots.values())} target shots ({d.k_shot} per language from {d.shot_task}: "
         f"{', '.join(shots) or 'none'}) -> {task.n} features; {len(dev)} held-out source dev examples; "
@@ -629,9 +630,11 @@ def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
                 (out_dir / "source_dev_ids.json").write_text(json.dumps(used["source_dev_ids"]))
                 if used["test_rows"]:  # rows the run never trained on: `dsxfer eval --run_dir` evaluates on these only
                     (out_dir / "test_rows.json").write_text(json.dumps(used["test_rows"]))
+                # the source rows it trained on: `dsxfer eval --run_dir` leaves them out of the same task's evaluation
+                (out_dir / "train_rows.json").write_text(json.dumps(used["train_rows"]))
             except OSError as e:
                 raise runfolder.output_error(out_dir, e, "write") from None
         summary = run_training(cfg, model, data, quiet=quiet)
-    summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids", "test_rows", "skipped_records")},
+    summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids", "test_rows", "train_rows", "skipped_records")},
                    rank=info["rank"])
     return summary

@@ -79,3 +79,26 @@ def test_cli_config_show_applies_override():
     r = _cli("config", "show", "train.lr=0.001")
     assert r.returncode == 0, r.stderr
     assert "lr: 0.001" in r.stdout
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("alignment.target_langs=deu,fra", ["deu", "fra"]),
+    ("alignment.target_langs=[deu, fra]", ["deu", "fra"]),
+    ("alignment.target_langs=deu", ["deu"]),
+    ("injection.layers=10,11", [10, 11]),
+    ("injection.layers=11", [11]),
+    ("injection.layers=all", "all"),  # the field takes the scalar as it is
+    ("eval.langs=de, es", ["de", "es"]),
+    ("eval.files=my.json:de,pairs.tsv:fr", ["my.json:de", "pairs.tsv:fr"]),
+    ("model.name_or_path=a,b", "a,b"),  # scalar fields keep commas
+])
+def test_list_overrides_take_comma_lists(override, expected):
+    section, key = override.split("=")[0].split(".")
+    assert getattr(getattr(load_config(None, [override]), section), key) == expected
+
+
+def test_comma_list_items_are_still_type_checked():
+    with pytest.raises(ConfigError, match=r"injection.layers=\[10, 'x'\] is invalid: expected one of 'all', 'top_k' or a list of an integer"):
+        load_config(None, ["injection.layers=10,x"])
+    with pytest.raises(ConfigError, match="train.lr='1,5' is invalid: expected a number"):
+        load_config(None, ["train.lr=1,5"])

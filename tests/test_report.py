@@ -335,7 +335,7 @@ def test_subset_note_and_errors(tmp_path):
 
 def test_cli_report(runs, tmp_path, capsys):
     out = tmp_path / "cli_report"
-    assert main(["report", *map(str, runs), "--output_dir", str(out), "--noplots"]) == 0
+    assert main(["report", *map(str, runs), "--output_dir", str(out), "--no-plots"]) == 0
     printed = capsys.readouterr().out
     assert "| prompt+align | 3 | 60.0 ± 10.0 (min 50.0)" in printed and "report.md" in printed
     assert (out / "report.csv").is_file() and not list(out.glob("*.png"))
