@@ -89,30 +89,31 @@ def _rank_pid(out: Path, rank: int) -> int | None:
 
 def test_full_method_survives_kill_of_one_rank_and_resumes_bitwise(tmp_path, tiny_model_dir):
     config = ROOT / "configs" / "xquad_fewshot.yaml"  # soft prompt 16 + prefixes in all layers + InfoNCE alignment
-    budget = ["train.max_steps=24", "train.save_every=4", "train.keep_last=2", "train.warmup_steps=2",
-              "alignment.warmup_steps=4", "data.k_shot=2"]
+    budget = ["train.max_steps=12", "train.save_every=3", "train.keep_last=2", "train.warmup_steps=2",
+              "alignment.warmup_steps=4", "data.k_shot=2", "data.target_langs=[de]", "alignment.target_langs=[deu,spa]",
+              "eval.langs=[en,de]"]
     full, cut = tmp_path / "full", tmp_path / "cut"
+    # the uninterrupted reference and the run to be killed start together (start-up is most of their time)
     uninterrupted = _launch(config, _tiny(tiny_model_dir, full, *budget))
-    log = _finish(uninterrupted)
-    assert uninterrupted.returncode == 0, log[-4000:]
-
     interrupted = _launch(config, _tiny(tiny_model_dir, cut, *budget))
     deadline = time.time() + 240
-    while not (cut / "checkpoints" / "step-00000004").is_dir():  # a complete checkpoint exists
+    while not (cut / "checkpoints" / "step-00000003").is_dir():  # a complete checkpoint exists
         assert interrupted.poll() is None and time.time() < deadline, _finish(interrupted)[-4000:]
-        time.sleep(0.02)
+        time.sleep(0.01)
     victim = _rank_pid(cut, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
     log = _finish(interrupted)
     assert interrupted.returncode != 0, "the run ended before rank 1 was killed: " + log[-2000:]
-    assert not (cut / "trainable.safetensors").exists() or "done:" not in (cut / "train.log").read_text()
+    assert "done:" not in (cut / "train.log").read_text()
+    log = _finish(uninterrupted)
+    assert uninterrupted.returncode == 0, log[-4000:]
 
     resumed = _launch(config, _tiny(tiny_model_dir, cut, *budget, "train.resume=auto"))
     log = _finish(resumed)
     assert resumed.returncode == 0, log[-4000:]
     train_log = (cut / "train.log").read_text()
-    assert "resumed from" in train_log and "done: max_steps at step 24" in train_log
+    assert "resumed from" in train_log and "done: max_steps at step 12" in train_log
     a, b = load_file(str(full / "trainable.safetensors")), load_file(str(cut / "trainable.safetensors"))
     assert set(a) == set(b) and {k for k in a if k.startswith("prompt.")} and {k for k in a if k.startswith("injection.")}
     for name in a:
