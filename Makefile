@@ -11,6 +11,9 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
+# DeepSpeed compiles its CPU communication op on first use; a cache per venv is built once for this
+# torch and never rebuilt because another environment on the machine used the shared default folder
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test test-all install clean
 
