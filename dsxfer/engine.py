@@ -44,17 +44,10 @@ def init_process_env() -> dict[str, int]:
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
-        # a one-process world may pick any free port; a multi-process world must be told one
-        env["MASTER_PORT"] = str(_free_port()) if env["WORLD_SIZE"] == "1" else "29500"
+        # a one-process world lets the OS pick a free port as it binds (0: no race with other processes
+        # for a port probed earlier); a multi-process world must be told one
+        env["MASTER_PORT"] = "0" if env["WORLD_SIZE"] == "1" else "29500"
     return {"rank": int(env["RANK"]), "local_rank": int(env["LOCAL_RANK"]), "world_size": int(env["WORLD_SIZE"])}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed() -> dict[str, int]:

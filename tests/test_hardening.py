@@ -424,3 +424,40 @@ def test_disk_teacher_cache_is_written_by_training_and_reused(tmp_path):
     assert len(second.teacher_cache) == stored["ids"].numel()  # read back before any forward
     run_training(again, second, TrainData(task=qa_data(), align=align, align_probes=probes), quiet=True)
     assert second.teacher_cache.teacher_forwards <= align.n - stored["ids"].numel()
+
+
+# ------------------------------------------------------------------------------ the alignment probe
+
+
+def test_probe_cosine_is_the_students_own_on_every_zero_stage(tmp_path):
+    """The logged cosine equals one computed by hand from this probe's student and teacher forwards (ZeRO-0),
+    and ZeRO-3 logs the same value for the same model."""
+    import torch.nn.functional as F
+    from test_engine import ds_json
+
+    from dsxfer import engine as eng
+
+    eng.init_distributed()
+    _, probes = align_data()
+    probe = {k: v[:, :6] if k.startswith(("align_tgt_input_ids", "align_tgt_attention_mask")) else v
+             for k, v in probes["deu"].items()}  # target shorter than source: a mixed-up tensor cannot pass
+    logged = {}
+    for stage in (0, 3):
+        ds_path = tmp_path / f"ds{stage}.json"
+        ds_path.write_text(json.dumps(ds_json(stage)))
+        cfg = tiny_cfg(tmp_path / "run", deepspeed={"config": str(ds_path)}, alignment={"enabled": True})
+        ds = eng.build_ds_config(cfg, 1)
+        engine, _, _ = eng.initialize(tiny_model(cfg, ds), cfg, ds)
+        logged[stage] = engine.module.alignment_cosine(probe)
+        if stage == 0:
+            model = engine.module.eval()
+            with torch.no_grad():
+                student, n = model._encode(probe["align_tgt_input_ids"], probe["align_tgt_attention_mask"], None,
+                                           prompted=True, hidden_states=True)
+                teacher, _ = model._encode(probe["align_src_input_ids"], probe["align_src_attention_mask"], None,
+                                           prompted=False, hidden_states=True)
+            s_mask, t_mask = probe["align_tgt_attention_mask"].float(), probe["align_src_attention_mask"].float()
+            s = (student.hidden_states[-1][:, n:] * s_mask[..., None]).sum(1) / s_mask.sum(1, keepdim=True)
+            t = (teacher.hidden_states[-1] * t_mask[..., None]).sum(1) / t_mask.sum(1, keepdim=True)
+            assert n == 3 and logged[0] == pytest.approx(float(F.cosine_similarity(s, t, dim=-1).mean()), abs=1e-5)
+    assert logged[3] == pytest.approx(logged[0], abs=1e-5)
