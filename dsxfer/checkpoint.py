@@ -5,8 +5,9 @@ Layout: <output_dir>/checkpoints/step-00000040/
   ds/                     DeepSpeed's own files: optimizer state (partitioned per rank under ZeRO 1-3)
                           and LR scheduler; frozen backbone parameters are excluded
   rng-rank<r>.json        python / numpy / torch RNG state of each rank
-  teacher-rank<r>.safetensors  the teacher vectors each rank has computed (alignment on), so a resumed
-                          run computes exactly what the uninterrupted one would
+  teacher-rank<r>.safetensors  the teacher vectors each rank has computed (the alignment pairs, or only the
+                          log's probes with alignment off), so a resumed run computes exactly what the
+                          uninterrupted one would
   state.json              step, data-order position, early-stopping state, bad-step count
   manifest.json           sha256 and size of every file above; written last
 

@@ -2,7 +2,9 @@
 
 forward(batch) -> {loss, task_loss, align_loss, preserve_loss, align_weight, start_logits/end_logits |
 logits}. A batch may hold task keys (input_ids, attention_mask, [token_type_ids], start_positions /
-end_positions | labels), alignment keys (align_src_*, align_tgt_*, align_pair_ids), or both.
+end_positions | labels), alignment keys (align_src_*, align_tgt_*, align_pair_ids), or both. A pair batch
+also gives `align_cosine`; with alignment.enabled=false it is only measured (the probes of the training
+log), never part of the loss.
 The soft prompt's virtual tokens are prepended here and cut off again before the head: every logit
 refers to a REAL token position, so featurization and post-processing never see virtual positions.
 
@@ -61,11 +63,12 @@ def validate_method_config(cfg: ExperimentConfig, backbone: nn.Module) -> None:
         resolve_layers(cfg.injection.layers, num_layers, cfg.injection.top_k)
     if cfg.alignment.enabled or cfg.alignment.preservation_weight > 0:
         align.check_loss(cfg.alignment.loss, cfg.alignment.level)
-        for i in cfg.alignment.layers:
-            if not -(num_layers + 1) <= i <= num_layers:
-                raise ConfigError(
-                    f"config value alignment.layers={cfg.alignment.layers} is invalid: layer {i} does not exist "
-                    f"(hidden states are 0 = embeddings .. {num_layers} = last layer, or -1 .. -{num_layers + 1})")
+    # checked with the alignment loss off too: the probe cosines in the training log compare these layers
+    for i in cfg.alignment.layers:
+        if not -(num_layers + 1) <= i <= num_layers:
+            raise ConfigError(
+                f"config value alignment.layers={cfg.alignment.layers} is invalid: layer {i} does not exist "
+                f"(hidden states are 0 = embeddings .. {num_layers} = last layer, or -1 .. -{num_layers + 1})")
     if cfg.freezing.strategy in ("top_k", "gradual") and not 0 <= cfg.freezing.top_k <= num_layers:
         raise ConfigError(f"config value freezing.top_k={cfg.freezing.top_k} is invalid: this backbone has {num_layers} layers")
     if cfg.adapters.lora:
@@ -156,11 +159,12 @@ class TransferModel(nn.Module):
         else:
             self.head = ClassificationHead(hidden, config.model.num_labels)
 
-        self.teacher_cache = None
-        if config.alignment.enabled:
-            cache_dir = Path(config.train.output_dir) / "teacher_cache" if config.alignment.teacher_cache == "disk" else None
-            self.teacher_cache = align.TeacherCache(model_id or str(config.model.name_or_path or "embedded-default"),
-                                                    config.alignment.layers, cache_dir)
+        # The teacher cache exists with the alignment loss off too: the probe cosines of the training log
+        # compare against the same teacher vectors. Only the alignment loss keeps them on disk.
+        disk = config.alignment.enabled and config.alignment.teacher_cache == "disk"
+        cache_dir = Path(config.train.output_dir) / "teacher_cache" if disk else None
+        self.teacher_cache = align.TeacherCache(model_id or str(config.model.name_or_path or "embedded-default"),
+                                                config.alignment.layers, cache_dir)
         self.step = 0
 
     # --- construction helpers
@@ -297,26 +301,30 @@ class TransferModel(nn.Module):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _alignment(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _alignment(self, batch: dict, *, with_loss: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(alignment loss, mean cosine of the pooled student and teacher vectors) on a pair batch.
 
         The cosine is what the training log and TensorBoard report per language: it is read off the
-        student states of this very forward, so no later call can stand in for them.
+        student states of this very forward, so no later call can stand in for them. with_loss=False
+        (alignment loss off: only the probes are measured) returns (None, cosine) and builds no graph.
         """
         from dsxfer.kernels import masked_mean_pool
 
         teacher = self.teacher_vectors(batch)
-        out, n = self._encode(batch["align_tgt_input_ids"], batch["align_tgt_attention_mask"], None,
-                              prompted=True, hidden_states=True)
+        with torch.set_grad_enabled(with_loss and torch.is_grad_enabled()):
+            out, n = self._encode(batch["align_tgt_input_ids"], batch["align_tgt_attention_mask"], None,
+                                  prompted=True, hidden_states=True)
         mask = batch["align_tgt_attention_mask"]
         a = self.cfg.alignment
         states = [h[:, n:] for h in self._layer_states(out)]  # real target tokens only
-        losses = [align.alignment_loss(h, mask, teacher[:, j], loss=a.loss, level=a.level, temperature=a.temperature)
-                  for j, h in enumerate(states)]
+        loss = None
+        if with_loss:
+            loss = torch.stack([align.alignment_loss(h, mask, teacher[:, j], loss=a.loss, level=a.level, temperature=a.temperature)
+                                for j, h in enumerate(states)]).mean()
         with torch.no_grad():
             cosine = torch.stack([F.cosine_similarity(masked_mean_pool(h.detach().float(), mask), teacher[:, j].float(), dim=-1).mean()
                                   for j, h in enumerate(states)]).mean()
-        return torch.stack(losses).mean(), cosine
+        return loss, cosine
 
     @torch.no_grad()
     def alignment_cosine(self, batch: dict) -> float:
@@ -345,6 +353,8 @@ class TransferModel(nn.Module):
         weight = self.alignment_weight() if self.cfg.alignment.enabled else 0.0
         if "align_tgt_input_ids" in batch and self.cfg.alignment.enabled:
             align_loss, result["align_cosine"] = self._alignment(batch)
+        elif "align_tgt_input_ids" in batch:  # alignment loss off: a probe batch is measured, never trained on
+            result["align_cosine"] = self._alignment(batch, with_loss=False)[1]
         total = task_loss + weight * align_loss + self.cfg.alignment.preservation_weight * preserve_loss
         result.update(loss=total, task_loss=task_loss,
                       align_loss=align_loss, preserve_loss=preserve_loss,

@@ -133,12 +133,67 @@ class Log:
                 if v is not None and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
 
+    def config_text(self, config_yaml: str) -> None:
+        """The resolved config as TensorBoard text (tag `config`); indented, so Markdown shows it as code."""
+        if self.tb is not None:
+            self.tb.add_text("config", "\n".join("    " + line for line in config_yaml.splitlines()))
+
+    def hparams(self, step: int, config: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The flattened config as hparams with the run's final scores as metrics, so runs compare side by side
+        in TensorBoard's HParams view; written into the run's own tb/ folder (not a sub-run)."""
+        if self.tb is not None:
+            finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+            self.tb.add_hparams(flat_hparams(config), finite, run_name=".", global_step=step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
         if self.file is not None:
             self.file.close()
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 0.02, 'alignment.target_langs': 'deu,fra', 'model.name_or_path': 'none', ...}: one
+    scalar per config field; a list becomes comma-joined text and an unset value the text 'none'."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif value is None:
+            flat[name] = "none"
+        elif isinstance(value, (list, tuple)):
+            flat[name] = ",".join(str(v) for v in value)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def budget_warnings(cfg) -> list[str]:
+    """Warm-ups that the step budget cuts short: what the LR and lambda reach, said before training starts."""
+    t, a = cfg.train, cfg.alignment
+    out = []
+    if t.warmup_steps > 0 and t.warmup_steps >= t.max_steps:
+        # optimizer step s (0-based) uses lr * (s + 1) / warmup_steps during warm-up (engine.lr_lambda)
+        reached = t.max_steps / t.warmup_steps
+        if t.warmup_steps > t.max_steps:
+            out.append(f"warning: train.warmup_steps={t.warmup_steps} > train.max_steps={t.max_steps}: the learning rate never "
+                       f"reaches its peak train.lr={t.lr:g}; it rises to {reached:.0%} of it ({t.lr * reached:.3g}) at the last step. "
+                       "Lower train.warmup_steps or raise train.max_steps")
+        else:
+            out.append(f"warning: train.warmup_steps={t.warmup_steps} = train.max_steps: the learning rate reaches its peak "
+                       f"train.lr={t.lr:g} only at the last step (warm-up takes the whole run). "
+                       "Lower train.warmup_steps or raise train.max_steps")
+    if a.enabled and a.warmup_steps > 0 and a.warmup_steps >= t.max_steps:
+        # the micro-batches of optimizer step s use weight * s / warmup_steps (alignment.alignment_weight)
+        reached = (t.max_steps - 1) / a.warmup_steps
+        out.append(f"warning: alignment.warmup_steps={a.warmup_steps} >= train.max_steps={t.max_steps}: lambda never reaches "
+                   f"alignment.weight={a.weight:g}; it rises to {reached:.0%} of it ({a.weight * reached:.3g}) at the last step. "
+                   "Lower alignment.warmup_steps or raise train.max_steps")
+    return out
 
 
 def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = False) -> dict[str, Any]:
@@ -203,6 +258,9 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
         peak = nominal_peak_flops()
         if resume_from is not None:
             log.line(f"resumed from {resume_from} at step {step}")
+        for warning in budget_warnings(cfg):
+            log.line(warning)
+        log.config_text(cfg.to_yaml())
         for note in data.notes:
             log.line(note)
         if data.skipped:
@@ -221,6 +279,7 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
             return path
 
         sums: dict[str, float] = {}
+        final_losses: dict[str, float] = {}  # the last logged window's mean losses: the hparams metrics
         window = {"samples": 0, "tokens": 0, "micro": 0, "t0": time.perf_counter()}
         grad_norm = None
         stopped = "max_steps"
@@ -312,6 +371,7 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
                 for lang, probe in data.align_probes.items():
                     scalars[f"align/cosine/{lang}"] = module.alignment_cosine(_to(probe, device))
                 log.scalars(step, scalars)
+                final_losses = {f"final/{k.replace('/', '_')}": v for k, v in scalars.items() if k.startswith("loss/")}
                 log.line(f"step {step} | loss {scalars['loss/total']:.4f} (task {scalars.get('loss/task', 0):.4f}, "
                          f"align {scalars.get('loss/align', 0):.4f}, lambda {scalars['align/lambda']:.3g}) | lr {scalars['lr']:.3g} | "
                          f"grad norm {grad_norm if grad_norm is not None else float('nan'):.3g} | "
@@ -354,6 +414,7 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
             _save_trainable(module, out_dir, rank)
         if teacher_cache is not None:
             teacher_cache.flush()
+        log.hparams(step, cfg.to_dict(), {**final_losses, "final/best_source_dev": state["best_score"]})
         log.line(f"done: {stopped} at step {step}; trainable weights in {out_dir / 'trainable.safetensors'}, "
                  f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
     except DsxferError as e:
@@ -409,16 +470,52 @@ def _kept(records, skipped: list) -> list:
     return list(records)
 
 
-def _parallel_pairs(cfg, skipped: list) -> dict[str, list]:
-    """Parallel pairs per target language: the user's src/tgt files, else Tatoeba (alignment.* fields)."""
+# pairs per language whose cosine the training log reports (align/cosine/<lang>); a fixed batch
+PROBE_PAIRS = 16
+
+
+def _parallel_pairs(cfg, skipped: list, notes: list) -> dict[str, list]:
+    """Parallel pairs per target language: the user's src/tgt files, else Tatoeba (alignment.* fields).
+
+    With the alignment loss on (or a lexicon to induce) up to alignment.max_pairs per language; with it
+    off only the PROBE_PAIRS per language the log measures, and files that are missing then only cost the
+    probes (a note says so), never the run.
+    """
     from dsxfer.data.readers import read_parallel
-    from dsxfer.data.tasks import tatoeba_pairs
+    from dsxfer.data.tasks import tatoeba_files, tatoeba_pairs
 
     a, d = cfg.alignment, cfg.data
+    full = a.enabled or d.induce_lexicon
+    cap = a.max_pairs if full else PROBE_PAIRS
+    why = (f"alignment.max_pairs={a.max_pairs} per language" if full else
+           f"the alignment loss is off: only the first {PROBE_PAIRS} per language, read as probes for align/cosine/<lang>, never trained on")
     if a.src_file:
-        return {"custom": _kept(read_parallel(a.src_file, a.tgt_file, "custom", on_error=d.on_error), skipped)[: a.max_pairs]}
-    return {lang: _kept(tatoeba_pairs(lang, d.data_dir, max_pairs=a.max_pairs, on_error=d.on_error), skipped)
-            for lang in a.target_langs}
+        files = {"custom": (Path(a.src_file), Path(a.tgt_file))}
+    else:
+        try:
+            files = {lang: tatoeba_files(lang, d.data_dir) for lang in a.target_langs}
+        except DsxferError as e:  # no data folder at all
+            if full:
+                raise
+            notes.append(f"alignment probes: none logged (no align/cosine/*): {e}")
+            return {}
+    if not full:
+        missing = {lang: next(str(f) for f in pair if not f.is_file()) for lang, pair in files.items() if not all(f.is_file() for f in pair)}
+        if missing:
+            source = "alignment.src_file/tgt_file" if a.src_file else "Tatoeba files for alignment.target_langs"
+            notes.append(f"alignment probes: no align/cosine/ for {', '.join(missing)}: {source} not found "
+                         f"({'; '.join(missing.values())}); the alignment loss is off, so the run goes on without them")
+            files = {lang: pair for lang, pair in files.items() if lang not in missing}
+    read = {}
+    for lang, (src, tgt) in files.items():
+        if a.src_file:
+            read[lang] = _kept(read_parallel(src, tgt, "custom", on_error=d.on_error), skipped)
+        else:
+            read[lang] = _kept(tatoeba_pairs(lang, d.data_dir, on_error=d.on_error), skipped)
+    if read:
+        notes.append("parallel pairs: " + ", ".join(f"{lang} {min(cap, len(ps))}" + (f" of {len(ps)}" if len(ps) > cap else "")
+                                                    for lang, ps in read.items()) + f" ({why})")
+    return {lang: ps[:cap] for lang, ps in read.items()}
 
 
 def _source_examples(cfg, skipped: list, notes: list) -> tuple[list, list]:
@@ -455,6 +552,8 @@ def _source_examples(cfg, skipped: list, notes: list) -> tuple[list, list]:
     if n_dev < d.dev_examples:
         notes.append(f"source dev set: {n_dev} of the data.dev_examples={d.dev_examples} questions held out "
                      f"(at most a fifth of the {len(ids)} source questions)")
+    else:
+        notes.append(f"source dev set: {n_dev} of the {len(ids)} source questions held out (data.dev_examples), never trained on")
     dev_ids = set(random.Random(f"{cfg.train.seed}:dev").sample(ids, n_dev)) if n_dev else set()
     pool = [ex for ex in items if ex.id not in dev_ids]
     dev = [ex for ex in items if ex.id in dev_ids]
@@ -466,6 +565,9 @@ def _source_examples(cfg, skipped: list, notes: list) -> tuple[list, list]:
     elif d.max_train_examples is not None:
         notes.append(f"source training pool: all {len(pool)} questions (data.max_train_examples={d.max_train_examples} "
                      f"is more than the {len(ids)} in the file minus the {len(dev)} of the source dev set)")
+    else:
+        notes.append(f"source training pool: all {len(pool)} questions (data.max_train_examples unset; "
+                     f"{len(dev)} more are the source dev set)")
     return pool, dev
 
 
@@ -483,8 +585,12 @@ def _eval_examples(cfg) -> dict[str, list]:
     return out
 
 
-def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, dict[str, Any]]:
-    """Readers -> k-shot sampling -> overlap check -> featurization -> TrainData, and what was used."""
+def build_train_data(cfg, model, tokenizer) -> tuple[TrainData, dict[str, Any]]:
+    """Readers -> k-shot sampling -> overlap check -> featurization -> TrainData, and what was used.
+
+    Every count it derives (source pool and dev set, row split, shots, pairs, pseudo data, features) is
+    a line of `TrainData.notes` saying why; training writes them at the top of train.log.
+    """
     from dsxfer.data.qa import collate_pairs, featurize_pairs, featurize_qa, pad_token_id
     from dsxfer.data.sampling import sample_k_shot
     from dsxfer.data.tasks import check_no_overlap, load_task
@@ -511,23 +617,36 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
         held_out = set(test_ids)
         evals = {key: [ex for ex in exs if ex.id in held_out] if key.split("/")[0] in (d.train_task, d.shot_task) else exs
                  for key, exs in evals.items()}
+        n_pool, n_dev = len(pool), len(dev)
         pool = [ex for ex in pool if ex.id not in held_out]
         dev = [ex for ex in dev if ex.id not in held_out]
+        notes.append(f"row split: {', '.join(split_tasks)} is both trained on and evaluated, so {len(held_out)} of its {len(shared)} "
+                     f"row ids are held out as test rows in every language (test_rows.json); that leaves {len(pool)} of the "
+                     f"{n_pool} source training questions and {len(dev)} of the {n_dev} source dev questions")
     shots: dict[str, list] = {}
     if d.k_shot > 0:
+        drawn_from = []
         for lang in d.target_langs:
             shot_pool = _kept(load_task(d.shot_task, lang, data_dir=d.data_dir, on_error=d.on_error), skipped)
-            banned = [ex.id for key, exs in evals.items() if key.startswith(f"{d.shot_task}/") for ex in exs]
-            shots[lang] = sample_k_shot(shot_pool, d.k_shot, cfg.train.seed, lang=lang, exclude=banned,
+            banned = {ex.id for key, exs in evals.items() if key.startswith(f"{d.shot_task}/") for ex in exs}
+            shots[lang] = sample_k_shot(shot_pool, d.k_shot, cfg.train.seed, lang=lang, exclude=sorted(banned),
                                         balanced=cfg.model.task == "classification")
-    pairs_by_lang = _parallel_pairs(cfg, skipped) if a.enabled or d.induce_lexicon else {}
+            candidates = sum(ex.id not in banned for ex in shot_pool)
+            drawn_from.append(f"{lang} from {candidates} rows" + (f" ({len(shot_pool) - candidates} of the {len(shot_pool)} are "
+                                                                   "evaluation rows, never drawn)" if candidates < len(shot_pool) else ""))
+        notes.append(f"k-shot: {d.k_shot} {d.shot_task} shots per target language (data.k_shot"
+                     f"{', class-balanced' if cfg.model.task == 'classification' else ''}): {'; '.join(drawn_from)}")
+    pairs_by_lang = _parallel_pairs(cfg, skipped, notes)
     # --- pseudo data: code-switched copies of source examples, translate-train files
     from dsxfer.augment import pseudo_training_data
 
     pseudo = pseudo_training_data(cfg, pool, backbone=model.backbone, tokenizer=tokenizer,
                                   pairs=[p for ps in pairs_by_lang.values() for p in ps])
     if pseudo:
-        log(f"pseudo data: {len(pseudo)} examples added (code-switched copies and translate-train files)")
+        codeswitched = len(pool) * d.codeswitch_copies if d.codeswitch_prob > 0 else 0
+        notes.append(f"pseudo data: {len(pseudo)} examples added: {codeswitched} code-switched copies "
+                     f"(data.codeswitch_copies={d.codeswitch_copies} of each of the {len(pool)} source questions, "
+                     f"data.codeswitch_prob={d.codeswitch_prob}) and {len(pseudo) - codeswitched} from data.translate_train")
     training = pool + [ex for exs in shots.values() for ex in exs] + pseudo
     for key, exs in evals.items():  # rows are translations of each other: compare ids across languages
         check_no_overlap(training, exs, f"training pool ({d.train_task} {d.source_lang} + {d.k_shot}-shot {d.shot_task}) vs {key}")
@@ -537,15 +656,19 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
         feats = featurize_qa(training, tokenizer, max_length=cfg.model.max_length, doc_stride=cfg.model.doc_stride,
                              reserved_tokens=reserved, with_labels=True)
         task = Batches(len(feats), lambda idx: feats.batch(idx, pad, with_labels=True))
+        notes.append(f"task features: {task.n} windows from {len(training)} training examples (a context longer than "
+                     f"model.max_length={cfg.model.max_length} minus {reserved} soft-prompt positions is split into "
+                     f"overlapping windows, model.doc_stride={cfg.model.doc_stride})")
     else:
         pair_feats = featurize_pairs(training, tokenizer, max_length=cfg.model.max_length, reserved_tokens=reserved)
         task = Batches(len(training), lambda idx: collate_pairs(pair_feats, idx, pad, with_labels=True))
+        notes.append(f"task features: {task.n}, one per training example (sentence pairs are truncated to "
+                     f"model.max_length={cfg.model.max_length} minus {reserved} soft-prompt positions)")
 
-    # --- parallel pairs for the alignment loss
+    # --- parallel pairs: the alignment loss's batches, and the fixed probes the log measures either way
     align, probes, n_pairs = None, {}, 0
-    if a.enabled:
+    if pairs_by_lang:
         pairs = [p for ps in pairs_by_lang.values() for p in ps]
-        n_pairs = len(pairs)
         # the target side gets the soft prompt prepended: keep its real tokens within the budget
         enc = lambda texts, budget: tokenizer(texts, truncation=True, max_length=budget)["input_ids"]
         src_ids = enc([p.src for p in pairs], a.max_length)
@@ -567,10 +690,13 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
             return {"align_src_input_ids": s, "align_src_attention_mask": sm, "align_tgt_input_ids": t,
                     "align_tgt_attention_mask": tm, "align_pair_ids": torch.tensor([pair_ids[i] for i in idx])}
 
-        align = Batches(n_pairs, make_align)
+        if a.enabled:  # with the alignment loss off the pairs are never a training batch
+            n_pairs = len(pairs)
+            align = Batches(n_pairs, make_align)
         start = 0
         for lang, ps in pairs_by_lang.items():  # a fixed probe of each language's first pairs
-            probes[lang] = make_align(list(range(start, start + min(16, len(ps)))))
+            if ps:
+                probes[lang] = make_align(list(range(start, start + min(PROBE_PAIRS, len(ps)))))
             start += len(ps)
 
     # --- the source-language dev set for early stopping
@@ -598,10 +724,11 @@ def build_train_data(cfg, model, tokenizer, *, log=print) -> tuple[TrainData, di
     used = {"source_examples": len(pool), "source_dev_examples": len(dev), "shots": shots, "test_rows": {"tasks": split_tasks, "ids": sorted(held_out)} if held_out else None,
             "task_features": task.n, "pseudo_examples": len(pseudo), "parallel_pairs": n_pairs, "source_dev_ids": [ex.id for ex in dev],
             "train_rows": {"task": None if d.train_files else d.train_task, "ids": sorted({ex.id for ex in pool})}}
-    log(f"data: {len(pool)} {d.train_task} {d.source_lang} training examples + "
-        f"{sum(len(v) for v in shots.values())} target shots ({d.k_shot} per language from {d.shot_task}: "
-        f"{', '.join(shots) or 'none'}) -> {task.n} features; {len(dev)} held-out source dev examples; "
-        f"{n_pairs} parallel pairs; no overlap with {', '.join(evals) or 'no evaluation set'}")
+    source_name = ", ".join(Path(f).name for f in d.train_files) if d.train_files else d.train_task
+    notes.append(f"data: {len(pool)} {source_name} {d.source_lang} training examples + "
+                 f"{sum(len(v) for v in shots.values())} target shots ({d.k_shot} per language from {d.shot_task}: "
+                 f"{', '.join(shots) or 'none'}) -> {task.n} features; {len(dev)} held-out source dev examples; "
+                 f"{n_pairs} parallel pairs for the alignment loss; no overlap with {', '.join(evals) or 'no evaluation set'}")
     report = skip_report(skipped)
     used["skipped_records"] = report
     return TrainData(task=task, align=align, align_probes=probes, dev_eval=dev_eval, notes=notes, skipped=report), used
@@ -623,7 +750,7 @@ def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
             model = build_transfer_model(cfg)
         if rank0:
             say(model.summary())
-        data, used = build_train_data(cfg, model, model.tokenizer, log=say)
+        data, used = build_train_data(cfg, model, model.tokenizer)
         if rank0:
             try:
                 save_shots(out_dir / "shots.json", used["shots"], task=cfg.data.shot_task, k=cfg.data.k_shot, seed=cfg.train.seed)

@@ -113,3 +113,71 @@ def test_demo_yaml_is_the_demo_method_run(tmp_path):
         from_yaml["train"].pop(key)
         from_demo["train"].pop(key)
     assert from_yaml == from_demo
+
+
+# ------------------------------------------------------------------ budgets and derived counts in train.log
+
+
+def squad_file(path, n: int):
+    """A SQuAD-format file of n short questions (one paragraph each)."""
+    import json
+
+    paragraphs = []
+    for i in range(n):
+        context = f"The river number {i} flows through the old town and meets the sea near the harbour."
+        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": f"What does river {i} meet?",
+                                                        "answers": [{"text": "the sea", "answer_start": context.index("the sea")}]}]})
+    path.write_text(json.dumps({"data": [{"title": "rivers", "paragraphs": paragraphs}]}), encoding="utf-8")
+    return path
+
+
+def tiny_train_run(tmp_path, model_dir, *overrides, source_questions: int = 20):
+    """A whole `train()` run (readers -> data assembly -> loop) on a tiny saved XLM-R and a small source file."""
+    from dsxfer.config import load_config
+    from dsxfer.train import train
+
+    source = squad_file(tmp_path / "source.json", source_questions)
+    cfg = load_config(None, [
+        f"model.name_or_path={model_dir}", "model.max_length=64", "model.doc_stride=16", "prompts.length=2",
+        "prompts.init=random", "injection.length=2", "injection.reparam=false", f"data.train_files={source}",
+        "data.max_train_examples=32", "data.dev_examples=8", "eval.tasks=xquad", "eval.langs=en",
+        "train.max_steps=2", "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every=1", "train.lr=2e-2",
+        "train.tensorboard=false", f"train.output_dir={tmp_path / 'run'}", *overrides])
+    return cfg, train(cfg, quiet=True)
+
+
+def test_train_log_states_derived_counts_budget_warnings_and_missing_probes(tiny_model_dir, tmp_path):
+    cfg, summary = tiny_train_run(tmp_path, tiny_model_dir, "train.warmup_steps=8", "alignment.enabled=false",
+                                  f"alignment.src_file={tmp_path / 'absent.en'}", f"alignment.tgt_file={tmp_path / 'absent.de'}")
+    log = (tmp_path / "run" / "train.log").read_text()
+    # 20 source questions: the dev set is capped at a fifth (4 of 8), the pool is what is left (16, under the cap of 32)
+    assert summary["source_dev_examples"] == 4 and summary["source_examples"] == 16
+    assert "source dev set: 4 of the data.dev_examples=8 questions held out (at most a fifth of the 20 source questions)" in log
+    assert ("source training pool: all 16 questions (data.max_train_examples=32 is more than the 20 in the file "
+            "minus the 4 of the source dev set)") in log
+    assert f"task features: {summary['task_features']} windows from 16 training examples" in log
+    # warm-up over 8 of 2 steps: the warning says what the LR reaches, and the loop's last step used exactly that
+    assert ("warning: train.warmup_steps=8 > train.max_steps=2: the learning rate never reaches its peak train.lr=0.02; "
+            "it rises to 25% of it (0.005) at the last step") in log
+    last_step = next(line for line in log.splitlines() if line.startswith("step 2 | loss"))
+    assert "| lr 0.005 |" in last_step
+    # alignment off and no pair files: one line says why there are no probe cosines; the run still finished
+    assert ("alignment probes: no align/cosine/ for custom: alignment.src_file/tgt_file not found "
+            f"({tmp_path / 'absent.en'})") in log
+    assert summary["stopped"] == "max_steps" and " cos " not in last_step
+
+
+def test_budget_warnings_say_what_lr_and_lambda_reach(tmp_path):
+    from dsxfer import engine as eng
+    from dsxfer.train import budget_warnings
+
+    cfg = tiny_cfg(tmp_path, alignment={"enabled": True, "warmup_steps": 10, "weight": 0.5},
+                   train={"max_steps": 5, "warmup_steps": 5})
+    lr_line, lambda_line = budget_warnings(cfg)
+    assert "train.warmup_steps=5 = train.max_steps: the learning rate reaches its peak train.lr=0.02 only at the last step" in lr_line
+    assert eng.lr_lambda("constant", 5, 5)(4) == 1.0  # the last optimizer step (index 4) is the first at the peak
+    model = tiny_model(cfg)
+    model.set_step(cfg.train.max_steps - 1)  # the weight the last step's micro-batches use
+    assert ("alignment.warmup_steps=10 >= train.max_steps=5: lambda never reaches alignment.weight=0.5; "
+            f"it rises to 40% of it ({model.alignment_weight():.3g}) at the last step") in lambda_line
+    assert budget_warnings(tiny_cfg(tmp_path, train={"max_steps": 5, "warmup_steps": 4})) == []

@@ -22,7 +22,7 @@ def _build(tmp_path, **data):
     })
     backbone, tokenizer = tiny_model("xlm-roberta")
     model = TransferModel(backbone, cfg, tokenizer)
-    return build_train_data(cfg, model, tokenizer, log=lambda *_: None)
+    return build_train_data(cfg, model, tokenizer)
 
 
 def test_pool_shots_and_pairs_reach_the_batches(tmp_path):
@@ -69,7 +69,12 @@ def test_a_task_both_trained_and_evaluated_is_split_by_row(tmp_path):
         "train": {"output_dir": str(tmp_path), "seed": 5},
     })
     backbone, tokenizer = tiny_model("xlm-roberta")
-    data, used = build_train_data(cfg, TransferModel(backbone, cfg, tokenizer), tokenizer, log=lambda *_: None)
+    data, used = build_train_data(cfg, TransferModel(backbone, cfg, tokenizer), tokenizer)
     held_out = set(used["test_rows"]["ids"])
     assert used["test_rows"]["tasks"] == ["pawsx"] and len(held_out) == 1000  # half of the 2000 rows
     assert not held_out & set(used["shots"]["de"]) and not held_out & set(used["source_dev_ids"])
+    # train.log says why the pool and the dev set are smaller than data.max_train_examples / data.dev_examples
+    (split_note,) = [n for n in data.notes if n.startswith("row split:")]
+    assert split_note.startswith("row split: pawsx is both trained on and evaluated, so 1000 of its 2000 row ids are held out")
+    assert f"that leaves {used['source_examples']} of the 40 source training questions and {used['source_dev_examples']} of the 5 " in split_note
+    assert used["source_examples"] < 40

@@ -130,12 +130,18 @@ def load_task(
     return recs
 
 
+def tatoeba_files(lang: str, data_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """The (English, lang) line-aligned files of Tatoeba's lang-eng pairs (they may not exist)."""
+    root = resolve_data_dir(data_dir) / "tatoeba"
+    return root / f"tatoeba.{lang}-eng.eng", root / f"tatoeba.{lang}-eng.{lang}"
+
+
 def tatoeba_pairs(
     lang: str, data_dir: str | Path | None = None, *, max_pairs: int | None = None, on_error: OnError = "raise"
 ) -> Records[ParallelPair]:
     """Tatoeba pairs English (src) -> lang (tgt, an ISO 639-3 code such as deu)."""
-    root = resolve_data_dir(data_dir) / "tatoeba"
-    src, tgt = root / f"tatoeba.{lang}-eng.eng", root / f"tatoeba.{lang}-eng.{lang}"
+    src, tgt = tatoeba_files(lang, data_dir)
+    root = src.parent
     if not tgt.is_file():
         known = sorted(p.name.split(".")[1].split("-")[0] for p in root.glob("tatoeba.*-eng.eng"))
         raise DataError(f"unknown language code '{lang}' for Tatoeba (ISO 639-3 expected, e.g. deu, fra, cmn); available: {' '.join(known)}")
