@@ -280,7 +280,7 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
 
         sums: dict[str, float] = {}
         final_losses: dict[str, float] = {}  # the last logged window's mean losses: the hparams metrics
-        window = {"samples": 0, "tokens": 0, "micro": 0, "t0": time.perf_counter()}
+        window = {"samples": 0, "tokens": 0, "micro": 0, "align_micro": 0, "t0": time.perf_counter()}
         grad_norm = None
         stopped = "max_steps"
         engine.train()
@@ -334,6 +334,7 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
             for key in ("loss", "task_loss", "align_loss", "preserve_loss"):
                 sums[key] = sums.get(key, 0.0) + float(out[key].detach())
             window["micro"] += 1
+            window["align_micro"] += "align_tgt_input_ids" in batch
             if "input_ids" in batch:
                 window["samples"] += batch["input_ids"].shape[0] * world
                 window["tokens"] += int(batch["attention_mask"].sum()) * world
@@ -358,7 +359,9 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
                 elapsed = max(time.perf_counter() - window["t0"], 1e-9)
                 n = max(window["micro"], 1)
                 tokens_per_s = window["tokens"] / elapsed
-                scalars = {f"loss/{k.removesuffix('_loss') if k != 'loss' else 'total'}": v / n for k, v in sums.items()}
+                # the alignment loss is averaged over the micro-batches that had a pair batch (alignment.every)
+                per = {k: max(window["align_micro"], 1) if k == "align_loss" else n for k in sums}
+                scalars = {f"loss/{k.removesuffix('_loss') if k != 'loss' else 'total'}": v / per[k] for k, v in sums.items()}
                 scalars.update({
                     "align/lambda": float(out["align_weight"]) if "align_weight" in out else 0.0,  # used by this step
                     "lr": lr_used,
@@ -379,7 +382,7 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
                          f"MFU {100 * scalars['throughput/mfu']:.2f}% | peak memory {scalars['memory/peak_mb']:.0f} MB"
                          + "".join(f" | cos {k} {scalars[f'align/cosine/{k}']:.3f}" for k in data.align_probes))
                 sums.clear()
-                window.update(samples=0, tokens=0, micro=0, t0=time.perf_counter())
+                window.update(samples=0, tokens=0, micro=0, align_micro=0, t0=time.perf_counter())
 
             # --- evaluation on the source-language dev set, early stopping on it
             stop_early = False

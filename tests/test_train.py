@@ -181,3 +181,21 @@ def test_budget_warnings_say_what_lr_and_lambda_reach(tmp_path):
     assert ("alignment.warmup_steps=10 >= train.max_steps=5: lambda never reaches alignment.weight=0.5; "
             f"it rises to 40% of it ({model.alignment_weight():.3g}) at the last step") in lambda_line
     assert budget_warnings(tiny_cfg(tmp_path, train={"max_steps": 5, "warmup_steps": 4})) == []
+
+
+def test_logged_alignment_loss_averages_only_the_micro_batches_with_pairs(tmp_path):
+    """alignment.every=2: half the micro-batches carry pairs; the logged loss/align is their mean, not half of it."""
+    from test_engine import align_data
+
+    align, _ = align_data()
+    cfg = tiny_cfg(tmp_path, alignment={"enabled": True, "every": 2}, train={"max_steps": 4, "log_every": 2})
+    model = tiny_model(cfg)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append((bool("align_tgt_input_ids" in args[0]), float(out["align_loss"]))))
+    run_training(cfg, model, TrainData(task=qa_data(), align=align), quiet=True)
+    logged = [float(l.split("align ")[1].split(",")[0]) for l in (tmp_path / "train.log").read_text().splitlines()
+              if l.startswith("step ") and "| loss " in l]
+    train_calls = seen[:4]  # the four training micro-batches of steps 1-4, in order
+    window = [loss for has_pairs, loss in train_calls[:2] if has_pairs]
+    assert [has for has, _ in train_calls] == [True, False, True, False]
+    assert logged[0] == pytest.approx(sum(window) / len(window), abs=1e-4) and logged[0] > 0
