@@ -78,10 +78,15 @@ def _release(fd: int) -> None:
     os.close(fd)  # closing the descriptor releases the flock
 
 
+def _mark(folder: Path) -> None:
+    """Say that dsxfer made (or was allowed to take) this folder."""
+    (folder / MARKER).write_text(json.dumps({"created": time.strftime("%Y-%m-%d %H:%M:%S")}), encoding="utf-8")
+
+
 def _check_contents(folder: Path, *, overwrite: bool, resume: str | None, log) -> None:
     names = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
     if not names:
-        (folder / MARKER).write_text(json.dumps({"created": time.strftime("%Y-%m-%d %H:%M:%S")}), encoding="utf-8")
+        _mark(folder)
         return
     if MARKER not in names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -90,7 +95,7 @@ def _check_contents(folder: Path, *, overwrite: bool, resume: str | None, log) -
                                  "choose a new or empty folder, or set train.overwrite=true to write into it anyway")
         log(f"warning: writing into {folder}, which holds files dsxfer did not write ({shown}); "
             "files with dsxfer's names are replaced (train.overwrite=true)")
-        (folder / MARKER).write_text(json.dumps({"created": time.strftime("%Y-%m-%d %H:%M:%S")}), encoding="utf-8")
+        _mark(folder)
         return
     checkpoints = folder / "checkpoints"
     earlier = sorted(checkpoints.iterdir()) if checkpoints.is_dir() else []

@@ -278,6 +278,16 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
                 teacher_cache.flush()
             return path
 
+        def bad_step(at: int, what: str, many: str) -> None:
+            """Count a skipped micro-batch or optimizer step; past train.max_bad_steps the run stops."""
+            state["bad_steps"] += 1
+            log.line(f"step {at}: {what} ({state['bad_steps']} of at most {t_cfg.max_bad_steps})")
+            log.scalars(at, {"train/bad_steps": state["bad_steps"]})
+            if state["bad_steps"] > t_cfg.max_bad_steps:
+                raise TrainingDiverged(f"training stopped at step {at}: {state['bad_steps']} {many} "
+                                       f"(train.max_bad_steps={t_cfg.max_bad_steps}); {_last_good(out_dir)}; "
+                                       "lower train.lr or check the data")
+
         sums: dict[str, float] = {}
         final_losses: dict[str, float] = {}  # the last logged window's mean losses: the hparams metrics
         window = {"samples": 0, "tokens": 0, "micro": 0, "align_micro": 0, "t0": time.perf_counter()}
@@ -300,13 +310,8 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
 
             # --- NaN/Inf guard: every rank must agree, or one would step while another skips
             if eng.all_ranks_max(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0) > 0:
-                state["bad_steps"] += 1
-                log.line(f"step {step}: non-finite loss ({float(loss.detach()):.4g}), micro-batch skipped "
-                         f"({state['bad_steps']} of at most {t_cfg.max_bad_steps})")
-                log.scalars(step, {"train/bad_steps": state["bad_steps"]})
-                if state["bad_steps"] > t_cfg.max_bad_steps:
-                    raise TrainingDiverged(f"training stopped at step {step}: {state['bad_steps']} micro-batches with a non-finite loss "
-                                           f"(train.max_bad_steps={t_cfg.max_bad_steps}); {_last_good(out_dir)}; lower train.lr or check the data")
+                bad_step(step, f"non-finite loss ({float(loss.detach()):.4g}), micro-batch skipped",
+                         "micro-batches with a non-finite loss")
                 continue
 
             boundary = engine.is_gradient_accumulation_boundary()
@@ -318,13 +323,8 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
             if boundary:
                 grad_norm = eng.global_grad_norm(engine, before)
                 if getattr(engine, "skipped_steps", 0) > skipped_before:  # ZeRO 1-3 refuse non-finite gradients themselves
-                    state["bad_steps"] += 1
-                    log.line(f"step {engine.global_steps}: non-finite gradients, DeepSpeed skipped the optimizer step (weights unchanged; "
-                             f"{state['bad_steps']} of at most {t_cfg.max_bad_steps})")
-                    if state["bad_steps"] > t_cfg.max_bad_steps:
-                        raise TrainingDiverged(f"training stopped at step {engine.global_steps}: {state['bad_steps']} steps with non-finite "
-                                               f"gradients (train.max_bad_steps={t_cfg.max_bad_steps}); {_last_good(out_dir)}; "
-                                               "lower train.lr or check the data")
+                    bad_step(engine.global_steps, "non-finite gradients, DeepSpeed skipped the optimizer step, weights unchanged",
+                             "steps with non-finite gradients")
                 # a step that made a weight NaN/Inf stops the run before anything of it is saved
                 if not eng.trainable_is_finite(engine.module):
                     raise TrainingDiverged(f"training stopped at step {engine.global_steps}: the optimizer step (lr {lr_used:.3g}) left "
