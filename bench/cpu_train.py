@@ -35,7 +35,7 @@ training. Both pad each batch to its longest window (dsxfer's collate; the peer'
 DataCollatorWithPadding). dsxfer's backbone runs eager attention; the peer gets the transformers default.
 
 Evaluation, after training, on the windows of the same questions, --eval_batch windows per batch:
-  model loop  dsxfer: time inside the predict calls of dsxfer.evaluate.evaluate_qa (forward passes) |
+  model loop  dsxfer: time inside the predict calls of dsxfer.evaluation.evaluate.evaluate_qa (forward passes) |
               peer: Trainer.predict on the featurized windows (collate + forward + gathering logits)
   end to end  dsxfer: the whole evaluate_qa call (featurize, forward, decode answers, score) |
               peer: its featurization + Trainer.predict (no answer decoding: the Trainer has none)
@@ -114,7 +114,7 @@ def write_questions(path: Path, n: int) -> int:
 
 def smoke_model(folder: Path) -> Path:
     """A tiny random XLM-R (6 layers, so top-4 prefixes leave layers without) with its small tokenizer."""
-    from dsxfer.backbone import tiny_model
+    from dsxfer.method.backbone import tiny_model
 
     model, tokenizer = tiny_model("xlm-roberta", num_hidden_layers=6)
     model.save_pretrained(folder)
@@ -183,7 +183,7 @@ def main_parent(args: argparse.Namespace) -> None:
     if args.smoke:
         model_path = str(smoke_model(work / "tiny-model"))
     else:
-        from dsxfer.embedded import embedded_model_path
+        from dsxfer.method.embedded import embedded_model_path
 
         model_path = str(embedded_model_path())
     questions = work / "questions.json"
@@ -250,9 +250,9 @@ def child_dsxfer(spec: dict, method: str) -> dict:
     from dsxfer.config import load_config
     from dsxfer.data.qa import featurize_qa
     from dsxfer.data.readers import read_squad_json
-    from dsxfer.evaluate import evaluate_qa
-    from dsxfer.model import load_trained
-    from dsxfer.train import train
+    from dsxfer.evaluation.evaluate import evaluate_qa
+    from dsxfer.method.model import load_trained
+    from dsxfer.training.train import train
 
     out_dir = Path(spec["work_dir"]) / f"run-dsxfer-{method}"
     cfg = load_config(None, dsxfer_overrides(spec, method, out_dir))

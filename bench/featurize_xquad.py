@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from dsxfer.backbone import load_tokenizer
+from dsxfer.method.backbone import load_tokenizer
 from dsxfer.data import TASKS, featurize_qa, load_task, postprocess_qa
-from dsxfer.metrics import qa_scores
+from dsxfer.evaluation.metrics import qa_scores
 
 
 def main() -> None:

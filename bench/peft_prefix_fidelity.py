@@ -80,7 +80,7 @@ def _mean_query_directions(backbone, ids, mask) -> dict[int, torch.Tensor]:
 
 
 def measure(model, label: str) -> list[tuple[str, float]]:
-    from dsxfer.backbone import resolve_model_path
+    from dsxfer.method.backbone import resolve_model_path
     from dsxfer.export import _real_positions_start, base_model_reference
 
     tok = model.tokenizer
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--tiny", choices=["xlm-roberta", "bert"], help="a tiny random model instead of the embedded one")
     args = parser.parse_args()
     from dsxfer.config import load_config
-    from dsxfer.model import build_transfer_model, load_trained
+    from dsxfer.method.model import build_transfer_model, load_trained
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +135,7 @@ def main() -> None:
         else:
             settings = ["prompts.length=0", "injection.length=8", "injection.top_k=4", "alignment.enabled=false", "train.seed=13"]
             if args.tiny:
-                from dsxfer.backbone import tiny_model
+                from dsxfer.method.backbone import tiny_model
 
                 backbone, tokenizer = tiny_model(args.tiny, seed=0)
                 backbone.save_pretrained(tmp)

@@ -92,7 +92,7 @@ def cmd_config_help(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from dsxfer.config import load_config
-    from dsxfer.train import train
+    from dsxfer.training.train import train
 
     extra = list(args.overrides) + ([f"deepspeed.config={args.deepspeed}"] if args.deepspeed else [])
     summary = train(load_config(args.config, extra))
@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _eval_files(args: argparse.Namespace, config_files: list[str]) -> list[tuple[str, str]]:
     """(path, lang) pairs from --file/--lang (in order), else from the config's eval.files ('PATH:LANG')."""
-    from dsxfer.evaluate import parse_file_entry
+    from dsxfer.evaluation.evaluate import parse_file_entry
 
     files, langs = args.file or [], args.lang or []
     if langs and not files:
@@ -128,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if len(cfg.eval.tasks) != 1:
             raise UsageError(f"eval: the config lists eval.tasks={cfg.eval.tasks}; pick one with --task")
         task = cfg.eval.tasks[0]
-    from dsxfer.evaluate import format_scores, run_eval
+    from dsxfer.evaluation.evaluate import format_scores, run_eval
 
     def pick(flag, config_value):
         return config_value if flag is None else flag
@@ -146,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from dsxfer.evaluate import format_scores, score_predictions
+    from dsxfer.evaluation.evaluate import format_scores, score_predictions
 
     if args.task is None and args.file is None:
         raise UsageError("score: name the gold data: --task TASK --lang LANG, or --file PATH --lang LANG")
@@ -166,14 +166,14 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
     if args.model is not None:
-        from dsxfer.backbone import load_backbone, load_tokenizer
+        from dsxfer.method.backbone import load_backbone, load_tokenizer
 
         backbone, tokenizer = load_backbone(args.model), load_tokenizer(args.model)
         config = backbone.config
         print(f"model {args.model}: {type(backbone).__name__}, {sum(p.numel() for p in backbone.parameters()):,} parameters, "
               f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, vocabulary {len(tokenizer):,}")
         return
-    from dsxfer.embedded import embedded_model_path, print_summary
+    from dsxfer.method.embedded import embedded_model_path, print_summary
 
     print_summary(embedded_model_path(args.cache, force=args.force))
 
@@ -194,7 +194,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from dsxfer.report import write_report
+    from dsxfer.evaluation.report import write_report
 
     result = write_report(list(args.run_dirs), args.output_dir, plots=args.plots)
     print(result["markdown"])

@@ -78,7 +78,7 @@ def comparison_table(tables: list, baseline: str, method: str) -> str:
 
 def write_demo_report(root: Path, eval_dirs: list[Path], timings: dict[str, float], total_s: float) -> dict:
     """runs/demo/report.md: the comparison table, the setup, then the full `dsxfer report` of both runs."""
-    from dsxfer.report import write_report
+    from dsxfer.evaluation.report import write_report
 
     report = write_report(eval_dirs, root)
     labels = report["methods"]
@@ -98,9 +98,9 @@ def run_demo(output_dir: str = "runs/demo", *extra: str, quiet: bool = False) ->
     import torch
 
     from dsxfer.config import load_config
-    from dsxfer.embedded import embedded_model_path, print_summary
-    from dsxfer.evaluate import run_eval
-    from dsxfer.train import train
+    from dsxfer.method.embedded import embedded_model_path, print_summary
+    from dsxfer.evaluation.evaluate import run_eval
+    from dsxfer.training.train import train
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,6 +1,6 @@
 """Export a trained run: dsxfer's own files plus PEFT adapter folders where PEFT can reproduce the run.
 
-<export>/trainable.safetensors + config.yaml     what dsxfer.model.load_trained reads (a run folder)
+<export>/trainable.safetensors + config.yaml     what dsxfer.method.model.load_trained reads (a run folder)
 <export>/head.safetensors                        the task head alone (QA: span.weight (2, H), span.bias (2,))
 <export>/prefixes.safetensors                    merged per-layer prefixes prefix.<layer>.key / .value (Hkv, P, D)
 <export>/peft_prompt_tuning/                     soft prompt  -> PROMPT_TUNING  (prompt_embeddings (n, H))
@@ -12,7 +12,7 @@ Each PEFT folder holds adapter_config.json (task type FEATURE_EXTRACTION, so PEF
 `AutoPeftModelForFeatureExtraction` loads it; plain `AutoPeftModel` refuses any task type), the
 adapter weights, the tokenizer, head.safetensors and a README.md with the loading code, which the tests
 run. `base_model_name_or_path` is the model name, the absolute path of a local model folder, or
-EMBEDDED_MODEL_NAME for the embedded default (no hub has it: `dsxfer.backbone.resolve_model_path` maps it
+EMBEDDED_MODEL_NAME for the embedded default (no hub has it: `dsxfer.method.backbone.resolve_model_path` maps it
 to dsxfer's cache folder). Loaded that way, PEFT gives the backbone hidden states dsxfer computes on the
 real tokens to 1e-5 (fp32). What does not map is skipped with the reason:
 - PREFIX_TUNING needs a prefix in every layer. PEFT concatenates P prefix positions to the keys and
@@ -52,7 +52,7 @@ TOLERANCE = 1e-5  # max abs difference of the last hidden states, real tokens, f
 def base_model_reference(cfg) -> str:
     """What adapter_config.json names as the base model: a hub name as configured, a local folder as an
     absolute path, the embedded default as EMBEDDED_MODEL_NAME (which dsxfer maps to its cache)."""
-    from dsxfer.backbone import EMBEDDED_MODEL_NAME, _is_embedded_folder, _looks_like_path
+    from dsxfer.method.backbone import EMBEDDED_MODEL_NAME, _is_embedded_folder, _looks_like_path
 
     name = cfg.model.name_or_path
     if name is None or str(name).strip() in ("", EMBEDDED_MODEL_NAME):
@@ -75,13 +75,13 @@ def _real_positions_start(backbone) -> int | None:
 
 
 def _load_code(base_reference: str, folder_name: str) -> list[str]:
-    from dsxfer.backbone import EMBEDDED_MODEL_NAME
+    from dsxfer.method.backbone import EMBEDDED_MODEL_NAME
 
     if base_reference == EMBEDDED_MODEL_NAME:
         return [
             "from peft import PeftModel",
             "from transformers import AutoModel",
-            "from dsxfer.backbone import resolve_model_path  # maps the embedded model's name to dsxfer's cache folder",
+            "from dsxfer.method.backbone import resolve_model_path  # maps the embedded model's name to dsxfer's cache folder",
             "",
             f'folder = "{folder_name}"',
             f'base = AutoModel.from_pretrained(resolve_model_path("{EMBEDDED_MODEL_NAME}"))',
@@ -138,7 +138,7 @@ def _readme(model, kind: str, folder: Path, *, virtual_tokens: int = 0, position
     what = {"prompt_tuning": f"the run's soft prompt ({virtual_tokens} virtual tokens) as PEFT PROMPT_TUNING",
             "lora": "the run's LoRA adapters as PEFT LORA",
             "prefix_tuning": f"the run's prefix keys/values ({prefix_length} per layer, every layer) as PEFT PREFIX_TUNING"}[kind]
-    notes = [f"Outputs equal dsxfer's (`dsxfer.model.load_trained`) to {TOLERANCE:g} max abs difference of the last hidden "
+    notes = [f"Outputs equal dsxfer's (`dsxfer.method.model.load_trained`) to {TOLERANCE:g} max abs difference of the last hidden "
              "states on the real tokens (fp32; checked by tests/test_export.py, which runs the code above)."]
     if position_start is not None and prefix_length:
         notes.append(f"Without `position_ids` PEFT shifts the real tokens {prefix_length} positions on and the hidden states "
@@ -148,7 +148,7 @@ def _readme(model, kind: str, folder: Path, *, virtual_tokens: int = 0, position
                      "(token_type_ids 1) the outputs differ from dsxfer's; XLM-R has one segment type.")
     if base.startswith("dsxfer/"):
         notes.append(f"`{base}` (adapter_config.json: base_model_name_or_path) is dsxfer's embedded default model, not a "
-                     "hub repository: `dsxfer.backbone.resolve_model_path` returns its cache folder (`dsxfer prepare-model` builds it).")
+                     "hub repository: `dsxfer.method.backbone.resolve_model_path` returns its cache folder (`dsxfer prepare-model` builds it).")
     return (f"# {folder.name}: {what}\n\n"
             f"Exported by `dsxfer export` from the run `{model.cfg.name}` ({'QA' if task == 'qa' else 'classification'} head) on the base model "
             f"`{base}`. Files: adapter_config.json + adapter_model.safetensors (PEFT, task type {PEFT_TASK_TYPE}), the tokenizer, "
@@ -253,7 +253,7 @@ def export_model(model, run_dir: Path | None, out: Path, config_yaml: str) -> li
     state = model.trainable_state_dict()
     save_file(state, str(out / "trainable.safetensors"))
     (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    lines.append(f"wrote {out / 'trainable.safetensors'} ({len(state)} tensors) and {out / 'config.yaml'} (dsxfer.model.load_trained)")
+    lines.append(f"wrote {out / 'trainable.safetensors'} ({len(state)} tensors) and {out / 'config.yaml'} (dsxfer.method.model.load_trained)")
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     if head:
         save_file(head, str(out / "head.safetensors"))
@@ -280,7 +280,7 @@ def _export_readme(model, out: Path, lines: list[str]) -> str:
             "No PEFT folder: nothing in this run maps onto a PEFT method that reproduces it (see the skipped lines).")
     return ("# dsxfer export\n\n"
             f"Run `{model.cfg.name}` on the base model `{base_model_reference(model.cfg)}`.\n\n"
-            "- `trainable.safetensors` + `config.yaml`: load with `dsxfer.model.load_trained(this_folder)` "
+            "- `trainable.safetensors` + `config.yaml`: load with `dsxfer.method.model.load_trained(this_folder)` "
             "or evaluate with `dsxfer eval --run_dir this_folder`.\n"
             "- `head.safetensors`: the task head alone.\n"
             + ("- `prefixes.safetensors`: per-layer prefix keys/values `prefix.<layer>.key` / `.value`, (kv heads, P, head dim) "
@@ -290,7 +290,7 @@ def _export_readme(model, out: Path, lines: list[str]) -> str:
 
 def export_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[str]:
     """`dsxfer export RUN_DIR`: load the trained run and write every export into output_dir."""
-    from dsxfer.model import CONFIG_FILE, load_trained
+    from dsxfer.method.model import CONFIG_FILE, load_trained
 
     run = Path(run_dir)
     model = load_trained(run)

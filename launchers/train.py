@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from dsxfer import engine
+    from dsxfer.training import engine
     from dsxfer.errors import DsxferError
 
     engine.init_process_env()  # before torch.distributed starts: maps SLURM_* when srun started us
     try:
         from dsxfer.config import load_config
-        from dsxfer.train import train
+        from dsxfer.training.train import train
 
         overrides = list(args.overrides)
         if args.deepspeed:

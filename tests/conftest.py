@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def embedded_path():
     """The validated HF folder of the embedded default model (multilingual-e5-small)."""
-    from dsxfer.embedded import embedded_model_path
+    from dsxfer.method.embedded import embedded_model_path
 
     return embedded_model_path()
 
@@ -30,7 +30,7 @@ def embedded_path():
 @pytest.fixture(scope="session")
 def embedded_tokenizer(embedded_path):
     """The fast tokenizer of the embedded default model, loaded the way dsxfer loads it."""
-    from dsxfer.backbone import load_tokenizer
+    from dsxfer.method.backbone import load_tokenizer
 
     return load_tokenizer(None)
 
@@ -39,7 +39,7 @@ def embedded_tokenizer(embedded_path):
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny XLM-R folder (weights + fast tokenizer) that configs name as model.name_or_path.
     Six layers, so a config's top-4-layer injection leaves layers below it without prefixes."""
-    from dsxfer.backbone import tiny_model
+    from dsxfer.method.backbone import tiny_model
 
     folder = tmp_path_factory.mktemp("tiny-xlmr")
     model, tokenizer = tiny_model("xlm-roberta", num_hidden_layers=6)

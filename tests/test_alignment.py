@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
-from dsxfer import alignment as align
+from dsxfer.method import alignment as align
 from dsxfer.config import load_config
 from dsxfer.errors import ConfigError
-from dsxfer.model import TransferModel
+from dsxfer.method.model import TransferModel
 
 
 # ------------------------------------------------------------------ hand implementations (fp64, loops)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsxfer import augment
+from dsxfer.data import augment
 from dsxfer.data.readers import PairExample, ParallelPair, QAExample, read_squad_json
 from dsxfer.data.tasks import resolve_data_dir
 from dsxfer.errors import DataError
@@ -124,7 +124,7 @@ ACCEPTED = {
 
 @pytest.mark.slow
 def test_lexicon_induced_from_tatoeba_en_de_with_embedded_model():
-    from dsxfer.backbone import load_backbone, load_tokenizer
+    from dsxfer.method.backbone import load_backbone, load_tokenizer
     from dsxfer.data.tasks import tatoeba_pairs
 
     torch.set_num_threads(2)

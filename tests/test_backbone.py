@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsxfer.backbone import TINY_ARCHS, _tiny_backend, load_backbone, load_tokenizer, tiny_model
+from dsxfer.method.backbone import TINY_ARCHS, _tiny_backend, load_backbone, load_tokenizer, tiny_model
 from dsxfer.errors import ConfigError, DsxferError
 
 TEXTS = ["Tom wasn't sure what to do.", "Ich weiß nicht, wo Maria ist."]

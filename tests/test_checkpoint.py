@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsxfer import checkpoint as ckpt
-from dsxfer import engine as eng
-from dsxfer.train import TrainData, run_training
+from dsxfer.training import checkpoint as ckpt
+from dsxfer.training import engine as eng
+from dsxfer.training.train import TrainData, run_training
 from test_engine import ds_json, qa_data, tiny_cfg, tiny_model
 
 

@@ -15,8 +15,8 @@ from dsxfer.data import (
 )
 from dsxfer.data.qa import _pair_template
 from dsxfer.errors import DataError
-from dsxfer.evaluate import subset
-from dsxfer.metrics import qa_scores, squad_exact_match
+from dsxfer.evaluation.evaluate import subset
+from dsxfer.evaluation.metrics import qa_scores, squad_exact_match
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
@@ -191,7 +191,7 @@ def test_decoder_tokenizers_without_cls_use_position_zero_as_null(bos):
 def test_project_tiny_tokenizers_of_every_architecture(arch):
     # the tokenizers the other tests of the project use: SentencePiece (XLM-R, Llama), WordPiece with
     # token types (BERT) and byte-level BPE without any special token (Qwen2)
-    from dsxfer.backbone import tiny_tokenizer
+    from dsxfer.method.backbone import tiny_tokenizer
 
     tok = tiny_tokenizer(arch)
     ex = _long_example()
@@ -220,7 +220,7 @@ def test_project_tiny_tokenizers_of_every_architecture(arch):
 def test_windows_assembled_from_parts_equal_the_tokenizers_pair_call(arch):
     # the fast path tokenizes each context once; it must give exactly the features of the tokenizer's
     # own pair call with overflowing windows (ids, token types, offsets, labels, null positions)
-    from dsxfer.backbone import tiny_tokenizer
+    from dsxfer.method.backbone import tiny_tokenizer
 
     tok = {"encoder": encoder_tokenizer, "decoder-no-bos": lambda: decoder_tokenizer(bos=False)}.get(arch, lambda: tiny_tokenizer(arch))()
     examples = [ex for lang in ("en", "de", "zh") for ex in load_task("xquad", lang).items[:12]]

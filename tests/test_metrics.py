@@ -3,7 +3,7 @@
 import pytest
 
 from dsxfer.errors import DataError
-from dsxfer.metrics import (
+from dsxfer.evaluation.metrics import (
     accuracy, mixed_segmentation, mlqa_exact_match, mlqa_f1, mlqa_normalize, qa_scores, squad_exact_match, squad_f1,
     squad_normalize,
 )

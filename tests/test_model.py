@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dsxfer.errors import ConfigError, DataError
-from dsxfer.model import TransferModel, check_k_shot
+from dsxfer.method.model import TransferModel, check_k_shot
 from tiny_backbones import config, tiny_backbone
 
 
@@ -133,7 +133,7 @@ def test_build_then_load_trained_reproduces_outputs(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from dsxfer.model import build_transfer_model, load_trained
+    from dsxfer.method.model import build_transfer_model, load_trained
 
     backbone = tiny_backbone("xlm-roberta")
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 120)}}

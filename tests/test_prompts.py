@@ -8,9 +8,9 @@ import torch
 from transformers import AttentionInterface
 from transformers import masking_utils
 
-from dsxfer import prompts
+from dsxfer.method import prompts
 from dsxfer.errors import ConfigError, DataError
-from dsxfer.model import TransferModel
+from dsxfer.method.model import TransferModel
 from tiny_backbones import config, tiny_backbone
 
 ENCODERS = ("xlm-roberta", "bert")
@@ -197,7 +197,7 @@ import os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import torch, deepspeed
 from transformers import XLMRobertaConfig, XLMRobertaModel
-from dsxfer import prompts
+from dsxfer.method import prompts
 deepspeed.init_distributed(dist_backend="gloo")
 cfg = XLMRobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                        max_position_embeddings=80, pad_token_id=1)

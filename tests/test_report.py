@@ -13,7 +13,7 @@ import pytest
 from dsxfer.cli import main
 from dsxfer.config import load_config
 from dsxfer.errors import DataError
-from dsxfer.report import (MAJORITY_METHOD, bar_figure, build_tables, describe_run, error_bars, heatmap_figure, load_runs,
+from dsxfer.evaluation.report import (MAJORITY_METHOD, bar_figure, build_tables, describe_run, error_bars, heatmap_figure, load_runs,
                            read_run_config, read_training_curves, training_curve_figure, write_report,
                            write_training_curves)
 
@@ -189,9 +189,9 @@ def test_runs_are_grouped_by_config_not_by_name(tmp_path):
 def test_classification_chart_draws_the_majority_class_of_the_evaluated_labels(tmp_path):
     import matplotlib.pyplot as plt
 
-    from dsxfer.backbone import tiny_model
+    from dsxfer.method.backbone import tiny_model
     from dsxfer.data.tasks import load_task
-    from dsxfer.evaluate import run_eval, subset
+    from dsxfer.evaluation.evaluate import run_eval, subset
 
     model, tokenizer = tiny_model("xlm-roberta", seed=0)
     folder = tmp_path / "tiny"
@@ -236,7 +236,7 @@ def test_classification_chart_without_label_counts_draws_chance(tmp_path):
 def test_training_curves_from_a_real_runs_tensorboard_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dsxfer.train import TrainData, run_training
+    from dsxfer.training.train import TrainData, run_training
     from test_engine import align_data, qa_data, tiny_cfg, tiny_model
 
     align, probes = align_data()
@@ -311,7 +311,7 @@ def test_demo_report_has_one_average(tmp_path):
 
 
 def test_eval_table_prints_the_same_average(runs, capsys):
-    from dsxfer.evaluate import format_scores
+    from dsxfer.evaluation.evaluate import format_scores
 
     doc = json.loads((runs[0] / "scores.json").read_text())
     text = format_scores(doc)

@@ -6,7 +6,7 @@ import math
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dsxfer.train import TrainData, run_training
+from dsxfer.training.train import TrainData, run_training
 from test_engine import align_data, qa_data, tiny_cfg, tiny_model
 
 EXPECTED = {

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsxfer import checkpoint as ckpt
-from dsxfer.train import DataOrder, TrainData, TrainingDiverged, run_training
+from dsxfer.training import checkpoint as ckpt
+from dsxfer.training.train import DataOrder, TrainData, TrainingDiverged, run_training
 from test_engine import align_data, qa_data, tiny_cfg, tiny_model
 
 
@@ -134,7 +134,7 @@ def squad_file(path, n: int):
 def tiny_train_run(tmp_path, model_dir, *overrides, source_questions: int = 20):
     """A whole `train()` run (readers -> data assembly -> loop) on a tiny saved XLM-R and a small source file."""
     from dsxfer.config import load_config
-    from dsxfer.train import train
+    from dsxfer.training.train import train
 
     source = squad_file(tmp_path / "source.json", source_questions)
     cfg = load_config(None, [
@@ -168,8 +168,8 @@ def test_train_log_states_derived_counts_budget_warnings_and_missing_probes(tiny
 
 
 def test_budget_warnings_say_what_lr_and_lambda_reach(tmp_path):
-    from dsxfer import engine as eng
-    from dsxfer.train import budget_warnings
+    from dsxfer.training import engine as eng
+    from dsxfer.training.train import budget_warnings
 
     cfg = tiny_cfg(tmp_path, alignment={"enabled": True, "warmup_steps": 10, "weight": 0.5},
                    train={"max_steps": 5, "warmup_steps": 5})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dsxfer.backbone import tiny_model
+from dsxfer.method.backbone import tiny_model
 from dsxfer.config import config_from_dict
-from dsxfer.model import TransferModel
-from dsxfer.train import build_train_data
+from dsxfer.method.model import TransferModel
+from dsxfer.training.train import build_train_data
 
 
 def _build(tmp_path, **data):

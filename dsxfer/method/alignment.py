@@ -133,7 +133,7 @@ class TeacherCache:
     @property
     def path(self) -> Path | None:
         """This rank's cache file."""
-        from dsxfer import engine as eng
+        from dsxfer.training import engine as eng
 
         return self.dir / f"teacher-{self.key}.rank{eng.rank()}.safetensors" if self.dir is not None else None
 

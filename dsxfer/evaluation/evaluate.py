@@ -6,7 +6,7 @@ Everything model-specific sits behind one callable:
 where batch holds right-padded input_ids, attention_mask (and token_type_ids when the tokenizer gives
 them). `hf_predictor` builds one from an HF AutoModelForQuestionAnswering / ...SequenceClassification
 (any backbone, a freshly initialised seeded head); `transfer_predictor` wraps a trained TransferModel
-(dsxfer.model.load_trained), whose virtual tokens are reserved out of the length budget.
+(dsxfer.method.model.load_trained), whose virtual tokens are reserved out of the length budget.
 
 What is evaluated (run_eval): every language of a benchmark task, or the user's own files (SQuAD-format
 JSON, PAWS-X TSV with or without header, JSONL), each named by its path. Before any model loads, every
@@ -34,7 +34,7 @@ import numpy as np
 from dsxfer.data.qa import collate_pairs, featurize_pairs, featurize_qa, pad_token_id, postprocess_qa
 from dsxfer.data.readers import PairExample, QAExample
 from dsxfer.errors import ConfigError, DataError, DsxferError
-from dsxfer.metrics import accuracy, majority_rate, qa_scores
+from dsxfer.evaluation.metrics import accuracy, majority_rate, qa_scores
 
 QAPredict = Callable[[dict], tuple[Any, Any]]
 ClassifyPredict = Callable[[dict], Any]
@@ -128,7 +128,7 @@ def build_hf_model(name_or_path: str | None = None, *, task: str = "qa", num_lab
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    from dsxfer.backbone import load_backbone
+    from dsxfer.method.backbone import load_backbone
 
     base = load_backbone(name_or_path)
     config = base.config
@@ -187,9 +187,9 @@ class Predictor:
 
 def load_predictor(task_kind: str, *, model: str | None = None, run_dir: str | None = None,
                    num_labels: int = 2, seed: int = 0) -> Predictor:
-    """A trained run (run_dir, through dsxfer.model.load_trained) or a backbone with a fresh head."""
+    """A trained run (run_dir, through dsxfer.method.model.load_trained) or a backbone with a fresh head."""
     if run_dir is not None:
-        from dsxfer.model import load_trained
+        from dsxfer.method.model import load_trained
 
         trained = load_trained(run_dir)
         cfg = trained.cfg
@@ -197,7 +197,7 @@ def load_predictor(task_kind: str, *, model: str | None = None, run_dir: str | N
             raise DsxferError(f"run {run_dir} trained a '{cfg.model.task}' head but this task needs '{task_kind}'")
         return Predictor(transfer_predictor(trained, task_kind), trained.tokenizer, int(trained.num_virtual_tokens),
                          cfg.name, str(cfg.model.name_or_path or "embedded-default"), cfg.model.max_length, cfg.model.doc_stride)
-    from dsxfer.backbone import load_tokenizer
+    from dsxfer.method.backbone import load_tokenizer
 
     hf = build_hf_model(model, task=task_kind, num_labels=num_labels, seed=seed)
     tokenizer = load_tokenizer(model)
@@ -395,7 +395,7 @@ def _check_metric_lang(metric: str, lang: str, what: str) -> str | None:
     """The language MLQA's normalisation uses for lang (the context language of 'de-en'), checked early."""
     if metric != "mlqa":
         return None
-    from dsxfer.metrics import MLQA_LANGS
+    from dsxfer.evaluation.metrics import MLQA_LANGS
 
     context_lang = lang.partition("-")[0]
     if context_lang not in MLQA_LANGS:
@@ -469,7 +469,7 @@ def _file_sets(files: Sequence[tuple[str, str]], task: str | None, kind: str | N
 def _run_kind(run_dir: str) -> tuple[str, int]:
     """(model.task, model.num_labels) of a trained run, read from its config before any model is built."""
     from dsxfer.config import load_config
-    from dsxfer.model import CONFIG_FILE, TRAINABLE_FILE
+    from dsxfer.method.model import CONFIG_FILE, TRAINABLE_FILE
 
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file() or not (run / TRAINABLE_FILE).is_file():
@@ -640,8 +640,8 @@ def format_scores(doc: dict[str, Any]) -> str:
             notes.append(f"{r['lang']}: excluded " + "; ".join(f"{n} of the {what}" for what, n in r["excluded"]["by_source"].items()))
         if r.get("warning"):
             notes.append(f"warning: {r['warning']}")
-    # the one average of every dsxfer table (dsxfer.report): over the target languages, source apart
-    from dsxfer.report import DEFAULT_SOURCE_LANG, read_run_config, target_average
+    # the one average of every dsxfer table (dsxfer.evaluation.report): over the target languages, source apart
+    from dsxfer.evaluation.report import DEFAULT_SOURCE_LANG, read_run_config, target_average
 
     cfg = read_run_config(doc["run_dir"]) if doc.get("run_dir") else None
     source = cfg["data"]["source_lang"] if cfg else DEFAULT_SOURCE_LANG

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsxfer import engine as eng
+from dsxfer.training import engine as eng
 from dsxfer.errors import DsxferError
 
 MANIFEST = "manifest.json"

@@ -111,7 +111,7 @@ def _check_contents(folder: Path, *, overwrite: bool, resume: str | None, log) -
 @contextlib.contextmanager
 def hold(output_dir: str | Path, *, overwrite: bool = False, resume: str | None = None, log=print) -> Iterator[Path]:
     """Take the run folder for this run (every rank calls it; rank 0 locks and checks). Re-entrant in a process."""
-    from dsxfer import engine as eng
+    from dsxfer.training import engine as eng
 
     folder = Path(output_dir).expanduser().resolve()
     if folder in _held:

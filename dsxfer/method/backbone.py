@@ -1,7 +1,7 @@
 """Backbone loading: any HF encoder or decoder, the embedded default, and tiny models for tests.
 
 `load_backbone(None)` (or the name EMBEDDED_MODEL_NAME, which exports write) is the embedded
-multilingual-e5-small (dsxfer.embedded); any other value is an HF model name or a local folder.
+multilingual-e5-small (dsxfer.method.embedded); any other value is an HF model name or a local folder.
 Nothing here downloads on its own: a local folder is read with local_files_only, and a name resolves
 through the local HF cache (or the network, where the user's environment allows it). A model that
 cannot be found is one DsxferError line that says what to do.
@@ -46,7 +46,7 @@ def _looks_like_path(name: str) -> bool:
 def _resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool, bool]:
     """(what to pass to from_pretrained, whether it is a local folder, whether it is the embedded model)."""
     if name_or_path is None or str(name_or_path).strip() in ("", EMBEDDED_MODEL_NAME):
-        from dsxfer.embedded import embedded_model_path
+        from dsxfer.method.embedded import embedded_model_path
 
         return str(embedded_model_path()), True, True
     name = str(name_or_path)
@@ -70,10 +70,10 @@ def resolve_model_path(name_or_path: str | os.PathLike | None = None) -> str:
 
 
 def _is_embedded_folder(folder: Path) -> bool:
-    """A folder written by dsxfer.embedded (also when passed by path), recognised by its manifest."""
+    """A folder written by dsxfer.method.embedded (also when passed by path), recognised by its manifest."""
     import json
 
-    from dsxfer.embedded import MANIFEST, MODEL_NAME
+    from dsxfer.method.embedded import MANIFEST, MODEL_NAME
 
     try:
         return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("name") == MODEL_NAME
@@ -146,7 +146,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
 
 def _data_dir() -> Path:
     env = os.environ.get("DSXFER_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _tiny_corpus(lines_per_language: int = 300) -> list[str]:

@@ -1,0 +1,1 @@
+"""Evaluation: official-equivalent metrics, per-language prediction and scoring, reports."""

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine, the run folder, checkpoints, and the training loop."""
