@@ -44,7 +44,6 @@ import torch
 
 from dsxfer.errors import DataError
 
-PROMPT_KEY = "prompt.parts.trainable.embeddings"
 PEFT_TASK_TYPE = "FEATURE_EXTRACTION"  # PEFT's model class for a bare backbone (AutoModel): hidden states out
 TOLERANCE = 1e-5  # max abs difference of the last hidden states, real tokens, fp32 (tests/test_export.py)
 
@@ -244,7 +243,7 @@ def _shift_rotary(backbone, keys: torch.Tensor, shift: int) -> torch.Tensor:
     return (x * cos + rotated_half * sin).squeeze(0)
 
 
-def export_model(model, run_dir: Path | None, out: Path, config_yaml: str) -> list[str]:
+def export_model(model, out: Path, config_yaml: str) -> list[str]:
     """Write every export of an in-memory TransferModel; returns one line per output or skipped mapping."""
     from safetensors.torch import save_file
 
@@ -295,7 +294,7 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None) -> lis
     run = Path(run_dir)
     model = load_trained(run)
     out = Path(output_dir) if output_dir else run / "export"
-    lines = export_model(model, run, out, (run / CONFIG_FILE).read_text(encoding="utf-8"))
+    lines = export_model(model, out, (run / CONFIG_FILE).read_text(encoding="utf-8"))
     for extra in ("shots.json", "test_rows.json", "soft_prompt.safetensors"):  # what dsxfer eval --run_dir reads
         if (run / extra).is_file():
             shutil.copy2(run / extra, out / extra)

@@ -40,6 +40,7 @@ def test_balanced_draw_is_balanced_even_on_a_skewed_pool(pawsx_de):
 
 def test_k_larger_than_pool_and_exclusions(pawsx_de):
     pool = pawsx_de[:5]
+    assert len(sample_k_shot(pool, 5, seed=0, lang="de")) == 5  # k equal to the pool takes all of it
     with pytest.raises(DataError, match="k=6 is larger than the pool of 5 examples for language 'de'"):
         sample_k_shot(pool, 6, seed=0, lang="de")
     shots = sample_k_shot(pool, 3, seed=0, exclude=["0", "1"])

@@ -1,9 +1,20 @@
 """Leakage: splits by row identity across languages, and the overlap check that rejects leaky splits."""
 
+import ast
+import os
+import subprocess
+import sys
+
 import pytest
 
-from dsxfer.data import check_no_overlap, load_task, select, split_rows
+from dsxfer.data import check_no_overlap, load_task, split_rows
 from dsxfer.errors import DataError
+
+
+def select(records, ids):
+    """The records whose row id is in ids, in file order (how training and evaluation pick rows by id)."""
+    keep = set(ids)
+    return [r for r in records if r.id in keep]
 
 
 def test_pawsx_split_holds_out_the_same_rows_in_every_language():
@@ -39,7 +50,17 @@ def test_xquad_training_on_a_translation_of_a_test_question_is_rejected():
 
 def test_split_is_seeded_and_validates_fraction():
     ids = [str(i) for i in range(100)]
-    assert split_rows(ids, 0.3, seed=5) == split_rows(ids, 0.3, seed=5)
+    train, test = split_rows(ids, 0.3, seed=5)
+    # the expectation comes from a fresh interpreter with another hash seed: a split saved with one run is
+    # the split any later process computes (nothing depends on set order or on state of this process)
+    fresh = subprocess.run([sys.executable, "-c", "from dsxfer.data import split_rows; "
+                            "print(repr(split_rows([str(i) for i in range(100)], 0.3, seed=5)))"],
+                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert (train, test) == ast.literal_eval(fresh.stdout)
+    # and it depends on which ids there are, not on their order; the sides keep the input order
+    reversed_train, reversed_test = split_rows(ids[::-1], 0.3, seed=5)
+    assert set(reversed_test) == set(test) and reversed_test == test[::-1]
+    assert len(test) == 30 and sorted(train + test, key=int) == ids and train == sorted(train, key=int)
     assert split_rows(ids, 0.3, seed=5)[1] != split_rows(ids, 0.3, seed=6)[1]
     with pytest.raises(DataError, match="test_fraction must be between 0 and 1"):
         split_rows(ids, 1.0)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dsxfer.cli import main
 from dsxfer.data import load_task, save_shots, task_file

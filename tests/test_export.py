@@ -237,7 +237,7 @@ def test_embedded_model_export_loads_the_documented_way(tmp_path, embedded_path)
     assert resolve_model_path(EMBEDDED_MODEL_NAME) == str(embedded_path) == resolve_model_path(None)
     cfg = config("prompts.length=2", "injection.length=0", f"train.output_dir={tmp_path / 'run'}")
     model = build_transfer_model(cfg).eval()
-    lines = export_model(model, None, tmp_path / "export", cfg.to_yaml())
+    lines = export_model(model, tmp_path / "export", cfg.to_yaml())
     out = tmp_path / "export" / "peft_prompt_tuning"
     assert any("PROMPT_TUNING" in line for line in lines)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_MODEL_NAME
@@ -261,7 +261,7 @@ def test_classification_export_readme_reproduces_the_logits(tmp_path, arch):
     model = build_transfer_model(cfg).eval()
     with torch.no_grad():
         model.head.out.bias.copy_(torch.tensor([0.3, -0.2]))  # a head that is not its initial value
-    export_model(model, None, tmp_path / "export", cfg.to_yaml())
+    export_model(model, tmp_path / "export", cfg.to_yaml())
     ns = run_readme_code(tmp_path / "export" / "peft_prompt_tuning")
     _, ids, mask = _qa_batches(tokenizer)
     with torch.no_grad():

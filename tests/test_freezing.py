@@ -126,4 +126,4 @@ def test_summary_counts_trainable_parameters():
     assert trainable == 64 + 3 * 2 * 64 + 66 + biases
     summary = model.summary()
     assert summary.splitlines()[0] == f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
-    assert f"  prompt: 64" in summary
+    assert "  prompt: 64" in summary

@@ -14,7 +14,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from dsxfer.training import checkpoint as ckpt
-from dsxfer.config import load_config
 from dsxfer.data.readers import read_jsonl, read_parallel, read_pawsx_tsv, read_squad_json
-from dsxfer.errors import DataError, DsxferError
+from dsxfer.errors import DataError
 from dsxfer.training.runfolder import RunFolderError
 from dsxfer.training.train import TrainData, TrainingDiverged, run_training
 from test_engine import align_data, qa_data, tiny_cfg, tiny_model

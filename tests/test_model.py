@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dsxfer.errors import ConfigError, DataError
-from dsxfer.method.model import TransferModel, check_k_shot
+from dsxfer.method.model import TransferModel
 from tiny_backbones import config, tiny_backbone
 
 
@@ -121,12 +121,6 @@ def test_configs_that_cannot_work_fail_before_training(override, message):
     with pytest.raises((ConfigError, DataError)) as e:
         TransferModel(tiny_backbone("xlm-roberta"), config(*override))
     assert message in str(e.value)
-
-
-def test_k_shot_larger_than_pool_is_a_config_error():
-    check_k_shot(8, 8, lang="de")
-    with pytest.raises(ConfigError, match="data.k_shot=9 is invalid for language 'de': the shot pool holds only 8 examples"):
-        check_k_shot(9, 8, lang="de")
 
 
 def test_build_then_load_trained_reproduces_outputs(tmp_path):

@@ -7,7 +7,7 @@ from dsxfer.data.readers import (
 )
 from dsxfer.data.sampling import load_shots, sample_k_shot, save_shots
 from dsxfer.data.tasks import (
-    TASKS, check_no_overlap, get_task, load_task, parse_langs, resolve_data_dir, select, split_rows, tatoeba_pairs,
+    TASKS, check_no_overlap, get_task, load_task, parse_langs, resolve_data_dir, split_rows, tatoeba_pairs,
     task_file,
 )
 
@@ -15,6 +15,6 @@ __all__ = [
     "TASKS", "PairExample", "ParallelPair", "QAExample", "QAFeatures", "Records", "Skipped", "as_dataset",
     "check_no_overlap", "collate_pairs", "featurize_pairs", "featurize_qa", "get_task", "load_shots", "load_task",
     "pad_token_id", "parse_langs", "postprocess_qa", "read_jsonl", "read_parallel", "read_pawsx_tsv",
-    "read_squad_json", "resolve_data_dir", "sample_k_shot", "save_shots", "select", "split_rows", "tatoeba_pairs",
+    "read_squad_json", "resolve_data_dir", "sample_k_shot", "save_shots", "split_rows", "tatoeba_pairs",
     "task_file",
 ]

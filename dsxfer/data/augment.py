@@ -55,10 +55,6 @@ def read_lexicon(path: str | Path) -> dict[str, str]:
     return lexicon
 
 
-def write_lexicon(lexicon: dict[str, str], path: str | Path) -> None:
-    Path(path).write_text("".join(f"{s}\t{t}\n" for s, t in sorted(lexicon.items())), encoding="utf-8")
-
-
 def _word_vectors(texts: Sequence[str], backbone, tokenizer, layer: int, max_length: int, batch_size: int):
     """Per text: (words, (W, H) tensor of mean sub-word states of each \\w+ word)."""
     out = []

@@ -283,12 +283,6 @@ def _qualify_repeated_ids(items: list[QAExample], positions: list[str]) -> tuple
     return out, sum(n for n in counts.values() if n > 1)
 
 
-def count_paragraphs(path: str | Path) -> int:
-    """Paragraphs of a SQuAD-format file (the unit the data README counts alongside questions)."""
-    doc = _load_json(Path(path))
-    return sum(len(a.get("paragraphs", [])) for a in doc.get("data", []))
-
-
 # -------------------------------------------------------------------------------------- PAWS-X
 
 

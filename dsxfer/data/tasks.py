@@ -190,9 +190,3 @@ def split_rows(
     train_ids = [i for i in ids if i not in test]
     test_ids = [i for i in ids if i in test]
     return list(dict.fromkeys(train_ids)), list(dict.fromkeys(test_ids))
-
-
-def select(records: Iterable[QAExample | PairExample], ids: Iterable[str]) -> list:
-    """The records whose row identity is in ids (keeps the file order)."""
-    keep = set(ids)
-    return [r for r in records if r.id in keep]

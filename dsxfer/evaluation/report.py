@@ -310,11 +310,6 @@ def build_tables(rows: list[dict[str, Any]]) -> list[Table]:
     return sorted(tables, key=lambda t: (t.task, list(METRIC_LABEL).index(t.metric)))
 
 
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The tables in long format (what report.csv and report.json hold)."""
-    return long_format(build_tables(rows))
-
-
 def long_format(tables: Sequence[Table]) -> list[dict[str, Any]]:
     """Per task, metric, method and language the stats (mean, std, min, n_runs) and the role target /
     source / avg; lang 'avg' is the target average; method 'majority class' the majority-class rate."""

@@ -124,6 +124,7 @@ class TeacherCache:
         self.vectors: dict[int, torch.Tensor] = {}
         self.teacher_forwards = 0  # how many teacher rows were computed (not served from the cache)
         self._dirty = False
+        # the trailing "|" once separated a pair-id namespace; it stays so that existing cache files keep their names
         self.key = hashlib.sha1(f"{model_id}|{self.layers}|".encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) if cache_dir else None
         if self.dir is not None:

@@ -29,7 +29,7 @@ from torch import nn
 from dsxfer.method import alignment as align
 from dsxfer.config import ExperimentConfig
 from dsxfer.errors import ConfigError, DataError
-from dsxfer.method.freezing import GradualUnfreezer, freeze_backbone, is_adapter, trainable_summary
+from dsxfer.method.freezing import GradualUnfreezer, freeze_backbone, trainable_summary
 from dsxfer.method.heads import ClassificationHead, QAHead, pool_for_classification, qa_loss
 from dsxfer.method.prompts import (ComposedPrompt, PromptInjection, SoftPrompt, active_prefixes, resolve_layers,
                             use_prefix_attention, vocabulary_init)
@@ -87,14 +87,6 @@ def validate_method_config(cfg: ExperimentConfig, backbone: nn.Module) -> None:
     limit = getattr(backbone.config, "max_position_embeddings", None)
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(f"config value model.max_length={cfg.model.max_length} is invalid: this backbone takes at most {limit} positions")
-
-
-def check_k_shot(k: int, pool_size: int, *, lang: str, source: str = "the shot pool") -> None:
-    """k-shot sampling needs k <= pool size; data and training code call this before they start."""
-    if k > pool_size:
-        raise ConfigError(
-            f"config value data.k_shot={k} is invalid for language '{lang}': {source} holds only {pool_size} "
-            f"examples (use data.k_shot<={pool_size} or another shot task)")
 
 
 def _prompt_file_length(path: str) -> int:
