@@ -21,7 +21,7 @@ import torch
 
 from dsxfer.errors import ConfigError, DsxferError
 
-TASKS = (None, "qa", "classification")
+MODEL_TASKS = (None, "qa", "classification")  # model.task: the head built on top (None: the bare backbone)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_ARCHS = ("xlm-roberta", "bert", "llama", "qwen2")
 # The name under which exports (PEFT's base_model_name_or_path) refer to the embedded default model. It is
@@ -100,7 +100,7 @@ def load_backbone(name_or_path: str | os.PathLike | None = None, *, task: str | 
 
     `task` ("qa" or "classification") only records num_labels on the config for the head built on top.
     """
-    if task not in TASKS:
+    if task not in MODEL_TASKS:
         raise ConfigError(f"model.task is {task!r}; use qa or classification")
     target, local, embedded = _resolve(name_or_path)
     from transformers import AutoConfig, AutoModel
