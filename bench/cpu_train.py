@@ -113,13 +113,12 @@ def write_questions(path: Path, n: int) -> int:
 
 
 def smoke_model(folder: Path) -> Path:
-    """A tiny random XLM-R (6 layers, so top-4 prefixes leave layers without) with its small tokenizer."""
-    from dsxfer.method.backbone import tiny_model
+    """A tiny random XLM-R (6 layers, so top-4 prefixes leave layers without) with its small tokenizer,
+    built by the tests' model helper: --smoke checks this script end to end, it measures nothing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import save_tiny_folder, tiny_backbone_and_tokenizer
 
-    model, tokenizer = tiny_model("xlm-roberta", num_hidden_layers=6)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_folder(folder, *tiny_backbone_and_tokenizer("xlm-roberta", num_hidden_layers=6))
 
 
 def run_child(runner: str, method: str, spec_path: Path, work: Path, tag: str) -> dict:

@@ -20,6 +20,7 @@ in the top 4 (the demo's layout; top 1 of the tiny model's 2). Rows:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -135,11 +136,10 @@ def main() -> None:
         else:
             settings = ["prompts.length=0", "injection.length=8", "injection.top_k=4", "alignment.enabled=false", "train.seed=13"]
             if args.tiny:
-                from dsxfer.method.backbone import tiny_model
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' model helper
+                from tiny import save_tiny_folder, tiny_backbone_and_tokenizer
 
-                backbone, tokenizer = tiny_model(args.tiny, seed=0)
-                backbone.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+                save_tiny_folder(tmp, *tiny_backbone_and_tokenizer(args.tiny, seed=0))
                 settings += [f"model.name_or_path={tmp}", "injection.top_k=1", "injection.reparam=false"]
             for layers in ("all", "top_k"):
                 model = build_transfer_model(load_config(None, settings + [f"injection.layers={layers}"])).eval()

@@ -1,4 +1,4 @@
-"""Shared fixtures.
+"""Shared fixtures (the models and data they build come from tests/tiny.py).
 
 `embedded_path` builds the embedded default model into the default cache ($DSXFER_CACHE, else
 ~/.cache/dsxfer) once and re-uses it on later runs, so only the first test run pays the conversion.
@@ -39,10 +39,14 @@ def embedded_tokenizer(embedded_path):
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny XLM-R folder (weights + fast tokenizer) that configs name as model.name_or_path.
     Six layers, so a config's top-4-layer injection leaves layers below it without prefixes."""
-    from dsxfer.method.backbone import tiny_model
+    from tiny import save_tiny_folder, tiny_backbone_and_tokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-xlmr")
-    model, tokenizer = tiny_model("xlm-roberta", num_hidden_layers=6)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny-xlmr"), *tiny_backbone_and_tokenizer("xlm-roberta", num_hidden_layers=6))
+
+
+@pytest.fixture(scope="module")
+def tiny_xlmr(tmp_path_factory):
+    """A saved tiny XLM-R (2 layers, 2 heads) with the XQuAD-trained subword tokenizer (tiny.encoder_tokenizer)."""
+    from tiny import save_tiny_folder, subword_backbone
+
+    return save_tiny_folder(tmp_path_factory.mktemp("xlmr"), *subword_backbone("xlm-roberta"))

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from transformers import XLMRobertaConfig, XLMRobertaModel
 
 from dsxfer.method import alignment as align
 from dsxfer.config import load_config
 from dsxfer.errors import ConfigError
 from dsxfer.method.model import TransferModel
+from tiny import tiny_backbone
 
 
 # ------------------------------------------------------------------ hand implementations (fp64, loops)
@@ -101,12 +101,6 @@ def test_weight_schedule_warmup_and_decay():
 
 
 # ------------------------------------------------------------------------- teacher cache on a real model
-
-
-def tiny_backbone():
-    torch.manual_seed(0)
-    return XLMRobertaModel(XLMRobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                            intermediate_size=64, max_position_embeddings=80, pad_token_id=1))
 
 
 def align_batches():

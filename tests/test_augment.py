@@ -70,17 +70,17 @@ def test_mutual_argmax_alignment_by_hand():
 
 
 def test_induced_lexicon_on_identical_sides_is_the_identity():
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny import tiny_backbone
 
     words = "the a cat dog sees eats big small red house".split()
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-    torch.manual_seed(0)
-    backbone = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64))
+    backbone = tiny_backbone("bert", vocab_size=len(vocab), max_position_embeddings=512)
     rng = random.Random(0)
     sentences = [" ".join(rng.sample(words, 5)) for _ in range(40)]
     pairs = [ParallelPair(str(i), s, s) for i, s in enumerate(sentences)]

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsxfer.method.backbone import TINY_ARCHS, _tiny_backend, load_backbone, load_tokenizer, tiny_model
 from dsxfer.errors import ConfigError, DsxferError
+from dsxfer.method.backbone import load_backbone, load_tokenizer
+from tiny import ARCHS, tiny_backbone_and_tokenizer, trained_tokenizer_json
 
 TEXTS = ["Tom wasn't sure what to do.", "Ich weiß nicht, wo Maria ist."]
 DECODERS = ("llama", "qwen2")
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_model_forward_shapes(arch):
-    model, tokenizer = tiny_model(arch)
+    model, tokenizer = tiny_backbone_and_tokenizer(arch)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -31,9 +32,9 @@ def test_tiny_model_forward_shapes(arch):
         assert model.layers[0].self_attn.k_proj.out_features == 2 * head_dim
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_tokenizer_offsets_point_into_the_text(arch):
-    _, tokenizer = tiny_model(arch)
+    _, tokenizer = tiny_backbone_and_tokenizer(arch)
     question, context = "Where is Maria?", "Maria ist in der Küche, sagte Tom."
     enc = tokenizer(question, context, return_offsets_mapping=True)
     sequence_ids = enc.sequence_ids()
@@ -60,35 +61,35 @@ def test_special_tokens_follow_each_architecture():
         "llama": ("<s>", None, "</s>"), "qwen2": (None, None, "<|endoftext|>"),
     }
     for arch, (first, last, pad) in cases.items():
-        _, tokenizer = tiny_model(arch)
+        _, tokenizer = tiny_backbone_and_tokenizer(arch)
         tokens = tokenizer.convert_ids_to_tokens(tokenizer("hello world")["input_ids"])
         assert tokenizer.pad_token == pad, arch
         assert (tokens[0] == first) if first else tokens[0] not in tokenizer.all_special_tokens, (arch, tokens)
         assert (tokens[-1] == last) if last else tokens[-1] not in tokenizer.all_special_tokens, (arch, tokens)
-    _, bert = tiny_model("bert")
+    _, bert = tiny_backbone_and_tokenizer("bert")
     assert set(bert("a", "b")["token_type_ids"]) == {0, 1}  # BERT marks the second segment
 
 
 def test_tiny_model_is_deterministic_and_overridable():
-    first, tok_a = tiny_model("qwen2")
-    _tiny_backend.cache_clear()  # retrain the tokenizer from scratch too
-    second, tok_b = tiny_model("qwen2")
+    first, tok_a = tiny_backbone_and_tokenizer("qwen2")
+    trained_tokenizer_json.cache_clear()  # retrain the tokenizer from scratch too
+    second, tok_b = tiny_backbone_and_tokenizer("qwen2")
     assert tok_a.get_vocab() == tok_b.get_vocab()
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
-    other, _ = tiny_model("qwen2", seed=1)
+    other, _ = tiny_backbone_and_tokenizer("qwen2", seed=1)
     assert not torch.equal(other.embed_tokens.weight, first.embed_tokens.weight)
-    deeper, _ = tiny_model("llama", num_hidden_layers=4, hidden_size=64)
+    deeper, _ = tiny_backbone_and_tokenizer("llama", num_hidden_layers=4, hidden_size=64)
     assert len(deeper.layers) == 4 and deeper.config.hidden_size == 64
     with pytest.raises(ConfigError, match="no field 'hidden_sise'"):
-        tiny_model("bert", hidden_sise=64)
+        tiny_backbone_and_tokenizer("bert", hidden_sise=64)
     with pytest.raises(ConfigError, match="gpt2"):
-        tiny_model("gpt2")
+        tiny_backbone_and_tokenizer("gpt2")
 
 
 @pytest.mark.parametrize("arch", ["xlm-roberta", "llama"])
 def test_local_folder_round_trip(arch, tmp_path):
-    model, tokenizer = tiny_model(arch)
+    model, tokenizer = tiny_backbone_and_tokenizer(arch)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded = load_backbone(str(tmp_path), task="classification", num_labels=3)
@@ -145,7 +146,7 @@ def test_cli_reports_a_missing_model_with_exit_code_2(tmp_path):
 def test_cli_prepare_model_summarises_a_local_model(tmp_path, capsys):
     from dsxfer.cli import main
 
-    model, tokenizer = tiny_model("bert")
+    model, tokenizer = tiny_backbone_and_tokenizer("bert")
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert main(["prepare-model", "--model", str(tmp_path)]) == 0
@@ -154,7 +155,7 @@ def test_cli_prepare_model_summarises_a_local_model(tmp_path, capsys):
 
 
 def test_broken_local_folder_is_one_clear_error(tmp_path):
-    model, tokenizer = tiny_model("bert")
+    model, tokenizer = tiny_backbone_and_tokenizer("bert")
     model.save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted save

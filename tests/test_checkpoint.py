@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from dsxfer.training import checkpoint as ckpt
 from dsxfer.training import engine as eng
 from dsxfer.training.train import TrainData, run_training
-from test_engine import ds_json, qa_data, tiny_cfg, tiny_model
+from tiny import ds_json, qa_data, tiny_cfg, tiny_model
 
 
 def _zero3_json(tmp_path):

@@ -1,82 +1,18 @@
 """QA featurization and post-processing: windows, labels, virtual-token room, encoder and decoder
 tokenizers, and the gold-answer round trip on every XQuAD language."""
 
-import functools
-import json
-
 import numpy as np
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from dsxfer.data import (
     PairExample, QAExample, TASKS, collate_pairs, featurize_pairs, featurize_qa, load_task, pad_token_id,
-    postprocess_qa, resolve_data_dir,
+    postprocess_qa,
 )
 from dsxfer.data.qa import _pair_template
 from dsxfer.errors import DataError
 from dsxfer.evaluation.evaluate import subset
 from dsxfer.evaluation.metrics import qa_scores, squad_exact_match
-
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
-
-
-def _xquad_text(articles_per_lang=8):
-    for lang in TASKS["xquad"].langs:
-        doc = json.loads((resolve_data_dir() / "xquad" / f"xquad.{lang}.json").read_text(encoding="utf-8"))
-        for article in doc["data"][:articles_per_lang]:
-            for para in article["paragraphs"]:
-                yield para["context"]
-                yield from (q["question"] for q in para["qas"])
-
-
-@functools.cache
-def _subword_model() -> Tokenizer:
-    """A small SentencePiece-style BPE (Metaspace pieces "▁word", as XLM-R and Llama use) trained on
-    XQuAD text of all 12 languages."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(_xquad_text(), trainers.BpeTrainer(vocab_size=4000, special_tokens=SPECIALS))
-    return tok
-
-
-def encoder_tokenizer() -> PreTrainedTokenizerFast:
-    """XLM-R layout: <s> question </s></s> context </s>, CLS = <s> at position 0."""
-    tok = Tokenizer.from_str(_subword_model().to_str())
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>",
-                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                   model_input_names=["input_ids", "attention_mask"])
-
-
-def decoder_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
-    """Llama layout (<s> question context, no CLS, no pad) or, with bos=False, Qwen's (no specials at all)."""
-    tok = Tokenizer.from_str(_subword_model().to_str())
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 0)])
-    else:
-        tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
-                                   unk_token="<unk>", model_input_names=["input_ids", "attention_mask"])
-
-
-def char_tokenizer(texts=()) -> PreTrainedTokenizerFast:
-    """Every non-space character is its own token, so every gold answer is a token span: the oracle
-    for the offset-mapping round trip. Characters outside `texts` map to <unk> (ids rarely matter)."""
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for ch in sorted({c for t in texts for c in t if not c.isspace()}):
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Split(Regex("."), behavior="isolated")])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>",
-                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                   model_input_names=["input_ids", "attention_mask"])
-
+from tiny import char_tokenizer, decoder_tokenizer, encoder_tokenizer, tiny_tokenizer
 
 def gold_logits(feats):
     """Logits with their maximum exactly at the labelled span of each window (the null position for
@@ -191,8 +127,6 @@ def test_decoder_tokenizers_without_cls_use_position_zero_as_null(bos):
 def test_project_tiny_tokenizers_of_every_architecture(arch):
     # the tokenizers the other tests of the project use: SentencePiece (XLM-R, Llama), WordPiece with
     # token types (BERT) and byte-level BPE without any special token (Qwen2)
-    from dsxfer.method.backbone import tiny_tokenizer
-
     tok = tiny_tokenizer(arch)
     ex = _long_example()
     feats = featurize_qa([ex], tok, max_length=80, doc_stride=24, reserved_tokens=6)
@@ -220,8 +154,6 @@ def test_project_tiny_tokenizers_of_every_architecture(arch):
 def test_windows_assembled_from_parts_equal_the_tokenizers_pair_call(arch):
     # the fast path tokenizes each context once; it must give exactly the features of the tokenizer's
     # own pair call with overflowing windows (ids, token types, offsets, labels, null positions)
-    from dsxfer.method.backbone import tiny_tokenizer
-
     tok = {"encoder": encoder_tokenizer, "decoder-no-bos": lambda: decoder_tokenizer(bos=False)}.get(arch, lambda: tiny_tokenizer(arch))()
     examples = [ex for lang in ("en", "de", "zh") for ex in load_task("xquad", lang).items[:12]]
     kwargs = dict(max_length=160, doc_stride=40, reserved_tokens=8, max_question_tokens=100)

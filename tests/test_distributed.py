@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import free_port, launch_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each rank runs this: the tiny TransferModel of test_engine, ZeRO-3 with every tensor partitioned.
+# Each rank runs this: the tiny TransferModel of tests/tiny.py, ZeRO-3 with every tensor partitioned.
 RANK_SCRIPT = """
 import json, os, shutil, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from safetensors.torch import load_file
-from test_engine import align_data, ds_json, qa_data, tiny_cfg, tiny_model
+from tiny import align_data, ds_json, qa_data, tiny_cfg, tiny_model
 from dsxfer.training import engine as eng
 from dsxfer.training.train import TrainData, run_training
 out = Path({out!r})
@@ -55,18 +55,10 @@ with open(out / f"resumed{{eng.rank()}}.json", "w") as f:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deepspeed(script: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))}
-    env["OMP_NUM_THREADS"] = "1"
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(script), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.distributed

@@ -1,8 +1,8 @@
 """DeepSpeed engine: ds-config checks, and ZeRO 0/2/3 training a tiny real TransferModel in one process.
 
-The helpers here (tiny model, synthetic but learnable QA and alignment data) are imported by the other
-training tests. The backbone is a real (tiny, randomly initialised) transformers XLM-R model wrapped in
-the real TransferModel; DeepSpeed runs for real on its CPU accelerator over gloo.
+The model and the synthetic but learnable QA and alignment data come from tests/tiny.py. The backbone is
+a real (tiny, randomly initialised) transformers XLM-R model wrapped in the real TransferModel; DeepSpeed
+runs for real on its CPU accelerator over gloo.
 """
 
 from __future__ import annotations
@@ -17,81 +17,10 @@ import pytest
 import torch
 
 from dsxfer.training import engine as eng
-from dsxfer.config import config_from_dict
 from dsxfer.errors import ConfigError
-from dsxfer.training.train import Batches
+from tiny import ds_json, qa_data, tiny_cfg, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB, SEQ, MARK = 64, 12, 7
-
-
-def tiny_cfg(tmp_path: Path | None = None, **sections) -> "object":
-    data = {
-        "prompts": {"length": 3, "init": "random"},
-        "injection": {"length": 2, "reparam": False},
-        "alignment": {"enabled": False, "batch_size": 4, "max_length": 10},
-        "model": {"max_length": 32, "doc_stride": 8},
-        "train": {"micro_batch_size": 4, "max_steps": 10, "lr": 2e-2, "warmup_steps": 0, "scheduler": "constant",
-                  "log_every": 1, "tensorboard": False, "output_dir": str(tmp_path or "runs/test"), "seed": 3},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return config_from_dict(data)
-
-
-def tiny_backbone(seed: int = 0):
-    from transformers import XLMRobertaConfig, XLMRobertaModel
-
-    torch.manual_seed(seed)
-    config = XLMRobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                              attention_probs_dropout_prob=0.0)
-    return XLMRobertaModel(config, add_pooling_layer=False)
-
-
-def tiny_model(cfg, ds: dict | None = None):
-    from dsxfer.method.model import TransferModel
-
-    with eng.zero3_construction(ds or {}):
-        backbone = tiny_backbone()
-        torch.manual_seed(cfg.train.seed)
-        return TransferModel(backbone, cfg)
-
-
-def qa_data(n: int = 32, seed: int = 0) -> Batches:
-    """A learnable span task: the answer starts at the marker token and ends one token later."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(8, VOCAB, (n, SEQ), generator=g)
-    starts = torch.randint(1, SEQ - 2, (n,), generator=g)
-    ids[torch.arange(n), starts] = MARK
-    lengths = torch.randint(SEQ - 3, SEQ + 1, (n,), generator=g)
-    lengths = torch.maximum(lengths, starts + 2)
-    mask = (torch.arange(SEQ)[None] < lengths[:, None]).long()
-    ids = ids * mask + (1 - mask)  # pad id 1
-
-    def make(idx):
-        idx = torch.tensor(idx)
-        return {"input_ids": ids[idx], "attention_mask": mask[idx], "start_positions": starts[idx],
-                "end_positions": starts[idx] + 1}
-    return Batches(n, make)
-
-
-def align_data(n: int = 24, seed: int = 1) -> tuple[Batches, dict]:
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(8, VOCAB, (n, 8), generator=g)
-    tgt = (src + 3) % VOCAB
-
-    def make(idx):
-        idx = torch.tensor(idx)
-        ones = torch.ones(len(idx), 8, dtype=torch.long)
-        return {"align_src_input_ids": src[idx], "align_src_attention_mask": ones, "align_tgt_input_ids": tgt[idx],
-                "align_tgt_attention_mask": ones, "align_pair_ids": idx.clone()}
-    probes = {"deu": make(list(range(0, 6))), "fra": make(list(range(6, 12)))}
-    return Batches(n, make), probes
-
-
-def ds_json(stage: int) -> dict:
-    return json.loads((ROOT / "ds_configs" / f"zero{stage}.json").read_text())
 
 
 # ------------------------------------------------------------------------------------ config checks

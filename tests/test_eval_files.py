@@ -19,14 +19,8 @@ from dsxfer.data import load_task, save_shots, task_file
 from dsxfer.errors import DataError
 from dsxfer.evaluation.evaluate import run_eval, subset
 from dsxfer.evaluation.metrics import qa_scores
-from test_evaluate import _save_tiny
 
 DSXFER = str(Path(sys.executable).parent / "dsxfer")
-
-
-@pytest.fixture(scope="module")
-def tiny_xlmr(tmp_path_factory):
-    return _save_tiny(tmp_path_factory.mktemp("xlmr"), "xlm-roberta")
 
 
 def _squad_file(path: Path, examples) -> Path:

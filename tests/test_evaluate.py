@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel, XLMRobertaConfig, XLMRobertaModel
+from transformers import LlamaModel, XLMRobertaModel
 
 from dsxfer.cli import main
 from dsxfer.data import featurize_qa, load_task, task_file
@@ -13,32 +13,7 @@ from dsxfer.errors import DataError
 from dsxfer.evaluation.evaluate import (
     build_hf_model, evaluate_classification, evaluate_qa, held_out_rows, hf_predictor, load_predictor, run_eval, subset,
 )
-from test_data_qa import char_tokenizer, decoder_tokenizer, encoder_tokenizer
-
-
-def _save_tiny(path, arch):
-    """A tiny randomly initialised backbone + its small fast tokenizer, saved as an HF folder."""
-    torch.manual_seed(0)
-    if arch == "xlm-roberta":
-        tok = encoder_tokenizer()
-        cfg = XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=520, pad_token_id=tok.pad_token_id)
-        model = XLMRobertaModel(cfg)
-    else:
-        tok = decoder_tokenizer()
-        tok.pad_token = tok.eos_token
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
-                          pad_token_id=tok.eos_token_id)
-        model = LlamaModel(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_xlmr(tmp_path_factory):
-    return _save_tiny(tmp_path_factory.mktemp("xlmr"), "xlm-roberta")
+from tiny import char_tokenizer, decoder_tokenizer, encoder_tokenizer, save_tiny_folder, subword_backbone
 
 
 def test_evaluate_qa_through_the_predict_callable_scores_gold_logits_100():
@@ -81,7 +56,7 @@ def test_evaluate_classification_accuracy_matches_a_hand_count():
 
 @pytest.mark.parametrize("arch", ["xlm-roberta", "llama"])
 def test_fresh_head_is_seeded_and_backbone_weights_are_loaded(tmp_path, arch):
-    path = _save_tiny(tmp_path, arch)
+    path = save_tiny_folder(tmp_path, *subword_backbone(arch))
     a = build_hf_model(str(path), task="qa", seed=3)
     b = build_hf_model(str(path), task="qa", seed=3)
     c = build_hf_model(str(path), task="qa", seed=4)

@@ -12,17 +12,12 @@ from dsxfer.training import engine as eng
 from dsxfer.export import TOLERANCE, export_model, export_run
 from dsxfer.method.model import load_trained
 from dsxfer.training.train import TrainData, run_training
-from test_engine import ds_json, tiny_cfg
+from tiny import config, ds_json, save_tiny_folder, tiny_backbone_and_tokenizer, tiny_cfg
 
 
 def _tiny_folder(tmp_path, arch):
-    from dsxfer.method.backbone import tiny_model
-
-    model, tokenizer = tiny_model(arch, seed=0)
-    folder = tmp_path / f"tiny-{arch}"
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder, tokenizer
+    model, tokenizer = tiny_backbone_and_tokenizer(arch, seed=0)
+    return save_tiny_folder(tmp_path / f"tiny-{arch}", model, tokenizer), tokenizer
 
 
 def _qa_batches(tokenizer, n=16):
@@ -219,7 +214,6 @@ def test_prefix_tuning_export_matches_dsxfer_on_a_decoder(tmp_path, arch):
 def test_base_model_reference_resolves(tmp_path, monkeypatch):
     from dsxfer.method.backbone import EMBEDDED_MODEL_NAME
     from dsxfer.export import base_model_reference
-    from tiny_backbones import config
 
     folder, _ = _tiny_folder(tmp_path, "bert")
     monkeypatch.chdir(tmp_path)
@@ -232,7 +226,6 @@ def test_embedded_model_export_loads_the_documented_way(tmp_path, embedded_path)
     """The embedded default exports under a name dsxfer maps to its cache; the README's code loads it."""
     from dsxfer.method.backbone import EMBEDDED_MODEL_NAME, resolve_model_path
     from dsxfer.method.model import build_transfer_model
-    from tiny_backbones import config
 
     assert resolve_model_path(EMBEDDED_MODEL_NAME) == str(embedded_path) == resolve_model_path(None)
     cfg = config("prompts.length=2", "injection.length=0", f"train.output_dir={tmp_path / 'run'}")
@@ -254,7 +247,6 @@ def test_embedded_model_export_loads_the_documented_way(tmp_path, embedded_path)
 def test_classification_export_readme_reproduces_the_logits(tmp_path, arch):
     """The README's head code for a classification run: first token (encoder) or last real token (decoder)."""
     from dsxfer.method.model import build_transfer_model
-    from tiny_backbones import config
 
     folder, tokenizer = _tiny_folder(tmp_path, arch)
     cfg = config(f"model.name_or_path={folder}", "model.task=classification", "prompts.length=2", "injection.length=0")

@@ -4,20 +4,17 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel, XLMRobertaConfig, XLMRobertaModel
 
 from dsxfer.config import load_config
 from dsxfer.errors import ConfigError
 from dsxfer.method.freezing import layer_of
 from dsxfer.method.model import TransferModel
+from tiny import tiny_backbone
 
 
-def tiny_backbone(arch="xlm-roberta"):
-    torch.manual_seed(0)
-    common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
-    if arch == "llama":
-        return LlamaModel(LlamaConfig(**common, num_key_value_heads=2))
-    return XLMRobertaModel(XLMRobertaConfig(**common, max_position_embeddings=80, pad_token_id=1))
+def three_layers(arch="xlm-roberta"):
+    """Three layers: freezing.top_k=2 leaves one layer below the trained ones."""
+    return tiny_backbone(arch, num_hidden_layers=3)
 
 
 def config(*overrides):
@@ -62,7 +59,7 @@ def expected_trainable(name, strategy, num_layers=3, k=2):
 
 @pytest.mark.parametrize("strategy", ["frozen", "top_k", "bias_only", "layernorm", "embeddings_frozen"])
 def test_frozen_params_bitwise_unchanged_and_trainable_ones_move(strategy):
-    model = TransferModel(tiny_backbone(), config(f"freezing.strategy={strategy}", "freezing.top_k=2"))
+    model = TransferModel(three_layers(), config(f"freezing.strategy={strategy}", "freezing.top_k=2"))
     names = dict(model.backbone.named_parameters())
     for name, p in names.items():
         assert p.requires_grad == expected_trainable(name, strategy), name
@@ -79,7 +76,7 @@ def test_frozen_params_bitwise_unchanged_and_trainable_ones_move(strategy):
 
 @pytest.mark.parametrize("arch, targets", [("xlm-roberta", "[query, value]"), ("llama", "[q_proj, v_proj]")])
 def test_lora_combined_with_prompts_trains_only_adapters_prompts_and_head(arch, targets):
-    model = TransferModel(tiny_backbone(arch), config("adapters.lora=true", f"adapters.target_modules={targets}", "adapters.r=4"))
+    model = TransferModel(three_layers(arch), config("adapters.lora=true", f"adapters.target_modules={targets}", "adapters.r=4"))
     lora = [n for n, p in model.named_parameters() if "lora_" in n]
     assert len(lora) == 2 * 2 * 3  # A and B, two target modules, three layers
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -92,11 +89,11 @@ def test_lora_combined_with_prompts_trains_only_adapters_prompts_and_head(arch, 
 
 def test_lora_target_missing_from_model_fails_before_training():
     with pytest.raises(ConfigError, match=r"adapters.target_modules=\['q_proj'\] is invalid: \['q_proj'\] not in this model; its linear modules are: .*query"):
-        TransferModel(tiny_backbone(), config("adapters.lora=true", "adapters.target_modules=[q_proj]"))
+        TransferModel(three_layers(), config("adapters.lora=true", "adapters.target_modules=[q_proj]"))
 
 
 def test_gradual_unfreezing_schedule_and_optimizer_handover():
-    model = TransferModel(tiny_backbone(), config("freezing.strategy=gradual", "freezing.top_k=2", "freezing.unfreeze_every=2"))
+    model = TransferModel(three_layers(), config("freezing.strategy=gradual", "freezing.top_k=2", "freezing.unfreeze_every=2"))
     assert not any(p.requires_grad for p in model.backbone.parameters())
     unfreezer = model.unfreezer
     assert unfreezer.step(1) == []
@@ -118,7 +115,7 @@ def test_gradual_unfreezing_schedule_and_optimizer_handover():
 
 
 def test_summary_counts_trainable_parameters():
-    model = TransferModel(tiny_backbone(), config("freezing.strategy=bias_only"))
+    model = TransferModel(three_layers(), config("freezing.strategy=bias_only"))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # by hand: prompt 2x32, prefixes 3 layers x 2 x (4 heads x 2 x 8), head 32x2+2, and the backbone's biases

@@ -25,7 +25,8 @@ from dsxfer.data.readers import read_jsonl, read_parallel, read_pawsx_tsv, read_
 from dsxfer.errors import DataError
 from dsxfer.training.runfolder import RunFolderError
 from dsxfer.training.train import TrainData, TrainingDiverged, run_training
-from test_engine import align_data, qa_data, tiny_cfg, tiny_model
+from launch import launch_env
+from tiny import align_data, ds_json, qa_data, tiny_cfg, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BOM = "\ufeff"
@@ -33,10 +34,8 @@ BOM = "\ufeff"
 
 def _cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     # a fresh process, as a user starts it: not the rank variables earlier in-process runs set here
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-m", "dsxfer.cli", *args], capture_output=True, text=True, cwd=cwd or ROOT,
-                          env=env, timeout=timeout)
+                          env=launch_env(), timeout=timeout)
 
 
 def _one_error_line(res: subprocess.CompletedProcess) -> str:
@@ -104,8 +103,6 @@ def _poison_gradients(model) -> None:
     (2, r"step 4: 2 steps with non-finite gradients \(train.max_bad_steps=1\)"),
 ])
 def test_a_step_that_makes_weights_non_finite_stops_and_saves_nothing_of_it(tmp_path, stage, message):
-    from test_engine import ds_json
-
     ds_path = tmp_path / "ds.json"
     ds_path.write_text(json.dumps(ds_json(stage)))
     out = tmp_path / "run"
@@ -178,8 +175,6 @@ def test_resume_never_unpickles_a_planted_object(tmp_path):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_checkpoints_load_with_weights_only(tmp_path, stage):
     """What DeepSpeed writes at every stage loads through the allow-list (and resumes)."""
-    from test_engine import ds_json
-
     from dsxfer.training import engine as eng
 
     ds_path = tmp_path / "ds.json"
@@ -269,8 +264,7 @@ def test_second_run_on_a_locked_folder_stops_naming_the_holder_and_a_dead_holder
     import socket
 
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=launch_env())
     try:
         assert holder.stdout.readline().strip() == "holding"
         args = ("train", f"model.name_or_path={tiny_model_dir}", f"train.output_dir={out}", "train.max_steps=1",
@@ -431,7 +425,6 @@ def test_probe_cosine_is_the_students_own_on_every_zero_stage(tmp_path):
     """The logged cosine equals one computed by hand from this probe's student and teacher forwards (ZeRO-0),
     and ZeRO-3 logs the same value for the same model."""
     import torch.nn.functional as F
-    from test_engine import ds_json
 
     from dsxfer.training import engine as eng
 

@@ -4,10 +4,11 @@ the --dry-run command, and launchers/train.py's error path."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from launch import free_port, launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launchers" / "slurm" / "train.sbatch"
@@ -25,12 +26,6 @@ with open(os.path.join({out!r}, f"rank{{dist.get_rank()}}.txt"), "w") as f:
     f.write(f"{{dist.get_rank()}} {{dist.get_world_size()}} {{int(t.item())}} {{os.environ['MASTER_ADDR']}} {{info['local_rank']}}")
 dist.destroy_process_group()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(procs, timeout: float = 120) -> list[str]:
@@ -57,9 +52,8 @@ def _fake_scontrol(tmp_path: Path) -> Path:
 
 
 def _slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    env.update({"PATH": f"{_fake_scontrol(tmp_path)}:{env['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2",
-                "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **extra})
+    env = launch_env(PATH=f"{_fake_scontrol(tmp_path)}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2",
+                     PYTHON=sys.executable, **extra)
     return env
 
 
@@ -68,7 +62,7 @@ def test_sbatch_two_simulated_nodes_rendezvous(tmp_path):
     out.mkdir()
     script = tmp_path / "allreduce.py"
     script.write_text(ALLREDUCE.format(root=str(ROOT), out=str(out)))
-    env = _slurm_env(tmp_path, GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()), TRAIN_SCRIPT=str(script))
+    env = _slurm_env(tmp_path, GPUS_PER_NODE="1", MASTER_PORT=str(free_port()), TRAIN_SCRIPT=str(script))
     procs = [subprocess.Popen(["bash", str(SBATCH), "--node"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env={**env, "SLURM_NODEID": str(n), "SLURM_PROCID": str(n)}, text=True) for n in (0, 1)]
     logs = _wait(procs)
@@ -169,7 +163,7 @@ def test_srun_style_ranks_are_mapped_from_slurm_variables(tmp_path):
     out.mkdir()
     script = tmp_path / "allreduce.py"
     script.write_text(ALLREDUCE.format(root=str(ROOT), out=str(out)))
-    env = _slurm_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), SLURM_NTASKS="2")
+    env = _slurm_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), SLURM_NTASKS="2")
     procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     logs = _wait(procs)
@@ -180,8 +174,7 @@ def test_srun_style_ranks_are_mapped_from_slurm_variables(tmp_path):
 def test_launcher_reports_a_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: fast\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
     res = subprocess.run([sys.executable, "launchers/train.py", "--config", str(bad), "--deepspeed", "ds_configs/zero2.json"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["dsxfer: error: config value train.lr='fast' is invalid: expected a number"]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dsxfer.errors import ConfigError, DataError
 from dsxfer.method.model import TransferModel
-from tiny_backbones import config, tiny_backbone
+from tiny import config, tiny_backbone
 
 
 def pair_batch():

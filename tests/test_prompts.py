@@ -11,7 +11,7 @@ from transformers import masking_utils
 from dsxfer.method import prompts
 from dsxfer.errors import ConfigError, DataError
 from dsxfer.method.model import TransferModel
-from tiny_backbones import config, tiny_backbone
+from tiny import config, tiny_backbone
 
 ENCODERS = ("xlm-roberta", "bert")
 DECODERS = ("llama", "qwen2")
@@ -195,16 +195,13 @@ def test_reparameterised_prefixes_merge_to_plain_tensors():
 ZERO3_SCRIPT = r'''
 import os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+sys.path.insert(0, sys.argv[2])
 import torch, deepspeed
-from transformers import XLMRobertaConfig, XLMRobertaModel
 from dsxfer.method import prompts
+from tiny import tiny_backbone
 deepspeed.init_distributed(dist_backend="gloo")
-cfg = XLMRobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       max_position_embeddings=80, pad_token_id=1)
-torch.manual_seed(0)
-reference = XLMRobertaModel(cfg).get_input_embeddings().weight.detach().clone()
-torch.manual_seed(0)
-sharded = XLMRobertaModel(cfg)
+reference = tiny_backbone().get_input_embeddings().weight.detach().clone()
+sharded = tiny_backbone()  # the same seed: the same weights, then partitioned
 deepspeed.zero.Init(module=sharded, config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}})
 weight = sharded.get_input_embeddings().weight
 assert hasattr(weight, "ds_id") and weight.numel() == 0, "the embedding should be partitioned"
@@ -216,15 +213,16 @@ print("gathered", tuple(got.shape))
 
 @pytest.mark.distributed
 def test_soft_prompt_init_reads_zero3_partitioned_embedding(tmp_path):
-    import random
     import subprocess
     import sys
+    from pathlib import Path
+
+    from launch import free_port, launch_env
 
     script = tmp_path / "zero3_init.py"
     script.write_text(ZERO3_SCRIPT)
-    port = str(random.Random().randint(20000, 40000))
-    run = subprocess.run([sys.executable, str(script), port], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run([sys.executable, str(script), str(free_port()), str(Path(__file__).parent)], capture_output=True,
+                         text=True, timeout=300, env=launch_env())
     assert run.returncode == 0, run.stderr[-3000:]
     assert "gathered (4, 32)" in run.stdout
 

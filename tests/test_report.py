@@ -189,14 +189,11 @@ def test_runs_are_grouped_by_config_not_by_name(tmp_path):
 def test_classification_chart_draws_the_majority_class_of_the_evaluated_labels(tmp_path):
     import matplotlib.pyplot as plt
 
-    from dsxfer.method.backbone import tiny_model
     from dsxfer.data.tasks import load_task
     from dsxfer.evaluation.evaluate import run_eval, subset
+    from tiny import save_tiny_folder, tiny_backbone_and_tokenizer
 
-    model, tokenizer = tiny_model("xlm-roberta", seed=0)
-    folder = tmp_path / "tiny"
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
+    folder = save_tiny_folder(tmp_path / "tiny", *tiny_backbone_and_tokenizer("xlm-roberta", seed=0))
     run_eval("pawsx", "en,de,es", model=str(folder), max_examples=40, output_dir=tmp_path / "eval", progress=False,
              batch_size=20)
     expected = {}
@@ -237,7 +234,7 @@ def test_training_curves_from_a_real_runs_tensorboard_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dsxfer.training.train import TrainData, run_training
-    from test_engine import align_data, qa_data, tiny_cfg, tiny_model
+    from tiny import align_data, qa_data, tiny_cfg, tiny_model
 
     align, probes = align_data()
     cfg = tiny_cfg(tmp_path / "run", alignment={"enabled": True, "weight": 0.5},

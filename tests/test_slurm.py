@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from launch import free_port
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,12 +57,6 @@ def _install_slurm() -> None:
     still = [b for b in (*DAEMONS, *CLIENTS) if _which(b) is None]
     if still:
         pytest.skip(f"slurm-wlm and munge installed, but {', '.join(still)} not found")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SLURM_CONF = """\
@@ -152,8 +148,8 @@ def slurm_cluster(tmp_path_factory):
     host = socket.gethostname().split(".")[0]
     conf = folder / "slurm.conf"
     munge_socket = folder / "munge.sock"
-    conf.write_text(SLURM_CONF.format(host=host, dir=folder, munge_socket=munge_socket, ctld_port=_free_port(),
-                                      slurmd_port=_free_port(), cpus=max(2, os.cpu_count() or 1)))
+    conf.write_text(SLURM_CONF.format(host=host, dir=folder, munge_socket=munge_socket, ctld_port=free_port(),
+                                      slurmd_port=free_port(), cpus=max(2, os.cpu_count() or 1)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
     env["SLURM_CONF"] = str(conf)
     cluster = Cluster(folder, env, host)
@@ -192,21 +188,11 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny randomly initialised XLM-R backbone and its small fast tokenizer, saved as an HF folder."""
-    import torch
-    from transformers import XLMRobertaConfig, XLMRobertaModel
+def slurm_model_dir(tmp_path_factory):
+    """A tiny randomly initialised XLM-R backbone (130 positions) and its small fast tokenizer, saved as an HF folder."""
+    from tiny import save_tiny_folder, subword_backbone
 
-    from test_data_qa import encoder_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_xlmr")
-    torch.manual_seed(0)
-    tok = encoder_tokenizer()
-    model = XLMRobertaModel(XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, max_position_embeddings=130, pad_token_id=tok.pad_token_id))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny_xlmr"), *subword_backbone("xlm-roberta", max_position_embeddings=130))
 
 
 def _run_config(path: Path, model_dir: Path, run_dir: Path) -> Path:
@@ -231,10 +217,10 @@ def _job_field(record: str, name: str) -> str:
 
 
 @pytest.mark.parametrize("launch_mode", ["torchrun", "srun"])
-def test_sbatch_runs_two_ranks_on_a_real_slurm(slurm_cluster, tiny_model_dir, tmp_path, launch_mode):
+def test_sbatch_runs_two_ranks_on_a_real_slurm(slurm_cluster, slurm_model_dir, tmp_path, launch_mode):
     run_dir = tmp_path / "run"
-    config = _run_config(tmp_path / "tiny.yaml", tiny_model_dir, run_dir)
-    env = {**slurm_cluster.env, "LAUNCH_MODE": launch_mode, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    config = _run_config(tmp_path / "tiny.yaml", slurm_model_dir, run_dir)
+    env = {**slurm_cluster.env, "LAUNCH_MODE": launch_mode, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     env.pop("PYTHON", None)
     if sys.prefix != sys.base_prefix:  # submit as from a shell with this venv activated: the script must find it
         env.update(VIRTUAL_ENV=sys.prefix, PATH=f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env['PATH']}")

@@ -7,7 +7,7 @@ import math
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dsxfer.training.train import TrainData, run_training
-from test_engine import align_data, qa_data, tiny_cfg, tiny_model
+from tiny import align_data, qa_data, tiny_cfg, tiny_model, tiny_train_run
 
 EXPECTED = {
     "loss/total", "loss/task", "loss/align", "loss/preserve", "align/lambda", "lr", "grad_norm",
@@ -43,8 +43,6 @@ def test_run_without_alignment_logs_probe_cosines_config_and_hparams(tiny_model_
     """Alignment off, Tatoeba pairs configured: probe cosines are logged, no pair is trained on, and the event
     files hold the resolved config (text) and the hparams with the final scores."""
     from tensorboard.plugins.hparams import plugin_data_pb2
-
-    from test_train import tiny_train_run
 
     cfg, summary = tiny_train_run(tmp_path, tiny_model_dir, "alignment.enabled=false", "alignment.target_langs=deu,fra",
                                   "train.tensorboard=true")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dsxfer.training import checkpoint as ckpt
 from dsxfer.training.train import DataOrder, TrainData, TrainingDiverged, run_training
-from test_engine import align_data, qa_data, tiny_cfg, tiny_model
+from tiny import align_data, qa_data, tiny_cfg, tiny_model, tiny_train_run
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch_and_resumes():
@@ -118,34 +118,6 @@ def test_demo_yaml_is_the_demo_method_run(tmp_path):
 # ------------------------------------------------------------------ budgets and derived counts in train.log
 
 
-def squad_file(path, n: int):
-    """A SQuAD-format file of n short questions (one paragraph each)."""
-    import json
-
-    paragraphs = []
-    for i in range(n):
-        context = f"The river number {i} flows through the old town and meets the sea near the harbour."
-        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": f"What does river {i} meet?",
-                                                        "answers": [{"text": "the sea", "answer_start": context.index("the sea")}]}]})
-    path.write_text(json.dumps({"data": [{"title": "rivers", "paragraphs": paragraphs}]}), encoding="utf-8")
-    return path
-
-
-def tiny_train_run(tmp_path, model_dir, *overrides, source_questions: int = 20):
-    """A whole `train()` run (readers -> data assembly -> loop) on a tiny saved XLM-R and a small source file."""
-    from dsxfer.config import load_config
-    from dsxfer.training.train import train
-
-    source = squad_file(tmp_path / "source.json", source_questions)
-    cfg = load_config(None, [
-        f"model.name_or_path={model_dir}", "model.max_length=64", "model.doc_stride=16", "prompts.length=2",
-        "prompts.init=random", "injection.length=2", "injection.reparam=false", f"data.train_files={source}",
-        "data.max_train_examples=32", "data.dev_examples=8", "eval.tasks=xquad", "eval.langs=en",
-        "train.max_steps=2", "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every=1", "train.lr=2e-2",
-        "train.tensorboard=false", f"train.output_dir={tmp_path / 'run'}", *overrides])
-    return cfg, train(cfg, quiet=True)
-
-
 def test_train_log_states_derived_counts_budget_warnings_and_missing_probes(tiny_model_dir, tmp_path):
     cfg, summary = tiny_train_run(tmp_path, tiny_model_dir, "train.warmup_steps=8", "alignment.enabled=false",
                                   f"alignment.src_file={tmp_path / 'absent.en'}", f"alignment.tgt_file={tmp_path / 'absent.de'}")
@@ -185,8 +157,6 @@ def test_budget_warnings_say_what_lr_and_lambda_reach(tmp_path):
 
 def test_logged_alignment_loss_averages_only_the_micro_batches_with_pairs(tmp_path):
     """alignment.every=2: half the micro-batches carry pairs; the logged loss/align is their mean, not half of it."""
-    from test_engine import align_data
-
     align, _ = align_data()
     cfg = tiny_cfg(tmp_path, alignment={"enabled": True, "every": 2}, train={"max_steps": 4, "log_every": 2})
     model = tiny_model(cfg)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dsxfer.method.backbone import tiny_model
 from dsxfer.config import config_from_dict
 from dsxfer.method.model import TransferModel
 from dsxfer.training.train import build_train_data
+from tiny import tiny_backbone_and_tokenizer
 
 
 def _build(tmp_path, **data):
@@ -20,7 +20,7 @@ def _build(tmp_path, **data):
         "eval": {"tasks": ["xquad"], "langs": ["en"]},
         "train": {"output_dir": str(tmp_path), "seed": 5},
     })
-    backbone, tokenizer = tiny_model("xlm-roberta")
+    backbone, tokenizer = tiny_backbone_and_tokenizer("xlm-roberta")
     model = TransferModel(backbone, cfg, tokenizer)
     return build_train_data(cfg, model, tokenizer)
 
@@ -45,7 +45,7 @@ def test_codeswitched_copies_are_trained_on(tmp_path):
     # one code-switched copy of every source example, featurized like the originals
     assert used_mixed["pseudo_examples"] == used_plain["source_examples"]
     assert mixed.task.n > plain.task.n
-    _, tokenizer = tiny_model("xlm-roberta")
+    _, tokenizer = tiny_backbone_and_tokenizer("xlm-roberta")
     extra = mixed.task.make(list(range(plain.task.n, mixed.task.n)))
     text = " ".join(tokenizer.batch_decode(extra["input_ids"], skip_special_tokens=True))
     english = " ".join(tokenizer.batch_decode(plain.task.make(list(range(min(len(extra["input_ids"]), plain.task.n))))["input_ids"],
@@ -68,7 +68,7 @@ def test_a_task_both_trained_and_evaluated_is_split_by_row(tmp_path):
         "eval": {"tasks": ["pawsx"], "langs": ["en", "de"]},
         "train": {"output_dir": str(tmp_path), "seed": 5},
     })
-    backbone, tokenizer = tiny_model("xlm-roberta")
+    backbone, tokenizer = tiny_backbone_and_tokenizer("xlm-roberta")
     data, used = build_train_data(cfg, TransferModel(backbone, cfg, tokenizer), tokenizer)
     held_out = set(used["test_rows"]["ids"])
     assert used["test_rows"]["tasks"] == ["pawsx"] and len(held_out) == 1000  # half of the 2000 rows
