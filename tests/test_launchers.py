@@ -52,9 +52,8 @@ def _fake_scontrol(tmp_path: Path) -> Path:
 
 
 def _slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = launch_env(PATH=f"{_fake_scontrol(tmp_path)}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2",
-                     PYTHON=sys.executable, **extra)
-    return env
+    return launch_env(**{"PATH": f"{_fake_scontrol(tmp_path)}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
+                          "SLURM_NNODES": "2", "PYTHON": sys.executable, **extra})
 
 
 def test_sbatch_two_simulated_nodes_rendezvous(tmp_path):
