@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from dsxfer import __version__
@@ -197,7 +198,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from dsxfer.reproduce import run_grid
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    out = args.out or f"results/{args.suite if args.suite.isidentifier() else 'suite'}"
+    out = args.out or f"runs/reproduce/{Path(args.suite).stem}"
     done = run_grid(args.suite, out, device=args.device, model=args.model, methods=methods, dry_run=args.dry_run)
     if done["failed"]:
         raise DsxferError(f"reproduce: {len(done['failed'])} cell(s) failed ({', '.join(done['failed'][:3])}); each cell's log.txt "
@@ -330,7 +331,7 @@ def build_parser() -> _Parser:
                 "command continues a stopped grid. Then `dsxfer report <out>` writes the tables and charts.")
     p.add_argument("--suite", required=True, metavar="NAME", help="tiny, small, full, or a suite .yaml/.json file")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every cell trains and evaluates")
-    p.add_argument("--out", metavar="DIR", help="the results folder (default: results/<suite>)")
+    p.add_argument("--out", metavar="DIR", help="the results folder (default: runs/reproduce/<suite>)")
     p.add_argument("--model", metavar="DIR", help="a model folder instead of the suite's model ('embedded', 'tiny' also accepted)")
     p.add_argument("--methods", metavar="LIST", help="run only these methods of the suite (comma list)")
     p.add_argument("--dry_run", action="store_true", help="list the cells that would run and stop")

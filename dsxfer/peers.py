@@ -128,17 +128,15 @@ def build_peer(kind: str, model_path: str, *, seed: int, lora_r: int = 8, lora_a
     return model, tokenizer, n_virtual
 
 
-class StepFile:
-    """A TrainerCallback that writes 'step N of M' to a file after every optimizer step (the harness's progress bar)."""
+def step_file_callback(path: Path):
+    """A TrainerCallback that writes 'step N of M' to path after every optimizer step (the harness's progress bar)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, path: Path):
-        from transformers import TrainerCallback
+    class StepFile(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            path.write_text(f"step {state.global_step} of {state.max_steps}\n", encoding="utf-8")
 
-        class _StepFile(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                path.write_text(f"step {state.global_step} of {state.max_steps}\n", encoding="utf-8")
-
-        return _StepFile()
+    return StepFile()
 
 
 def train_peer(kind: str, model_path: str, examples: Sequence[Any], *, out_dir: Path, seed: int, max_length: int, stride: int,
@@ -159,7 +157,7 @@ def train_peer(kind: str, model_path: str, examples: Sequence[Any], *, out_dir: 
                              learning_rate=lr, lr_scheduler_type="linear", warmup_steps=warmup_steps, weight_decay=weight_decay,
                              max_grad_norm=1.0, logging_steps=max(1, steps), report_to=[], save_strategy="no", use_cpu=use_cpu,
                              seed=seed, data_seed=seed, disable_tqdm=True)
-    callbacks = [StepFile(progress_file)] if progress_file is not None else []
+    callbacks = [step_file_callback(progress_file)] if progress_file is not None else []
     trainer = Trainer(model=model, args=args, train_dataset=windows, data_collator=DataCollatorWithPadding(tokenizer),
                       callbacks=callbacks)
     t0 = time.perf_counter()

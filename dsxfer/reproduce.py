@@ -353,15 +353,7 @@ def run_grid(suite_name: str, out_dir: str | Path, *, device: str = "cpu", model
         if not torch.cuda.is_available():
             raise DsxferError("reproduce: --device cuda, but torch sees no CUDA GPU here; use --device cpu")
     out = Path(out_dir)
-    try:
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DsxferError(f"reproduce: cannot write the results folder {out}: {e.strerror or e}; choose another --out") from None
-    model_path = _model_path(suite, out, model)
     cells = grid_cells(suite)
-    grid = {"suite": suite, "model_path": model_path, "device": device, "cells": [c["cell"] for c in cells],
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "grid.json").write_text(json.dumps(grid, indent=1), encoding="utf-8")
     todo, skipped = [], []
     for spec in cells:
         (skipped if finished_result(out / "cells" / spec["cell"], spec) else todo).append(spec)
@@ -369,10 +361,18 @@ def run_grid(suite_name: str, out_dir: str | Path, *, device: str = "cpu", model
     say(f"suite {suite['name']}: {len(cells)} cells ({len(suite['methods'])} methods x k {suite['k']} x seeds {suite['seeds']}"
         + (f" + PAWS-X {len(suite['pawsx']['methods'])} methods" if suite.get("pawsx") else "")
         + f"); {len(skipped)} finished earlier (skipped), {len(todo)} to run; device {device}; results in {out}")
-    if dry_run:
+    if dry_run:  # nothing is written
         for spec in todo:
             say(f"  would run {spec['cell']}")
         return {"ran": [], "skipped": [s["cell"] for s in skipped], "failed": [], "cells": [c["cell"] for c in cells], "wall_s": 0.0}
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DsxferError(f"reproduce: cannot write the results folder {out}: {e.strerror or e}; choose another --out") from None
+    model_path = _model_path(suite, out, model)
+    grid = {"suite": suite, "model_path": model_path, "device": device, "cells": [c["cell"] for c in cells],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "grid.json").write_text(json.dumps(grid, indent=1), encoding="utf-8")
     t0 = time.perf_counter()
     durations: dict[str, list[float]] = {}
     ran, failed = [], []

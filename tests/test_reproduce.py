@@ -259,3 +259,22 @@ def test_report_of_a_results_folder_without_finished_cells(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == (f"dsxfer: error: {tmp_path / 'res'}: no finished cell (cells/*/result.json); "
                                 f"run dsxfer reproduce --out {tmp_path / 'res'} first")
+
+
+def test_every_cell_of_every_suite_is_a_valid_config_and_a_dry_run_writes_nothing(tmp_path):
+    from dsxfer.config import load_config
+    from dsxfer.reproduce import METHODS, SUITES, grid_cells, load_suite, run_grid
+
+    for name in SUITES:
+        suite = load_suite(name)
+        cells = grid_cells(suite)
+        assert len(cells) == len({c["cell"] for c in cells})
+        for c in cells:
+            cfg = load_config(None, c["config"] + [f"train.output_dir={tmp_path / 'x'}"])
+            assert cfg.train.seed == c["seed"] and cfg.data.k_shot == c["k"] and cfg.train.lr == METHODS[c["method"]]["lr"]
+    small = load_suite("small")
+    assert {"peft_lora", "peft_prompt", "dsxfer_lora"} <= set(small["methods"]) and len(small["methods"]) >= 4
+    assert small["k"] == [0, 32] and len(small["seeds"]) == 3 and all(ev["max_examples"] >= 300 for ev in small["eval"].values())
+    assert set(load_suite("full")["methods"]) == set(METHODS)
+    done = run_grid("small", tmp_path / "out", dry_run=True, quiet=True)
+    assert len(done["cells"]) == 30 and not (tmp_path / "out").exists()
