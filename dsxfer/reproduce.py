@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 import resource
@@ -94,7 +93,6 @@ METHODS["lora_recipe_no_pseudo"] = {"kind": "dsxfer", "lr": 2e-3, "ablation_of":
 for _name, _m in METHODS.items():  # an ablation is described by what it changes in the method it ablates
     _m.setdefault("about", f"{METHODS[_m['ablation_of']]['about']}, {_m['change']}" if "ablation_of" in _m else _name)
     _m.setdefault("overrides", [])
-PEERS = ("peft_lora", "peft_prompt", "full_ft")
 
 # ----------------------------------------------------------------------------------------- suites
 # A suite is data: the model, the grid, the budget of one cell and the evaluation sets.
@@ -113,13 +111,23 @@ SUITES: dict[str, dict[str, Any]] = {
         "prompt_tokens": 4,
     },
     "small": {
-        "about": "embedded model, 2 CPU cores, at most 2 hours (see README: how the budget was sized)",
-        "model": "embedded", "methods": ["peft_lora", "peft_prompt", "dsxfer_lora", "lora_recipe", "prefix_topk"],
+        "about": "embedded model, sized for about 2 hours on 2 quiet CPU cores (README: how it was sized)",
+        "model": "embedded", "methods": ["peft_lora", "peft_prompt", "dsxfer_lora", "lora_recipe"],
         "k": [0, 32], "seeds": [1, 2, 3], "targets": ["de", "es", "zh"],
         "train": {"questions": 300, "dev_examples": 30, "max_length": 128, "stride": 32, "steps": 40, "batch": 8, "warmup": 0.1,
                   "alignment_pairs": 200},
+        # evaluation is three quarters of a cell's time: the source (en) on XQuAD only
         "eval": {"xquad": {"langs": ["en", "de", "es", "zh"], "max_examples": 300},
-                 "mlqa": {"langs": ["en", "de", "es", "zh"], "max_examples": 300}},
+                 "mlqa": {"langs": ["de", "es", "zh"], "max_examples": 300}},
+        "prompt_tokens": 20,
+    },
+    "probe": {
+        "about": "one short cell per method of the small suite (8 steps, 40 questions of de per dataset): the per-cell times small is sized from",
+        "model": "embedded", "methods": ["dsxfer_lora", "lora_recipe", "peft_lora", "peft_prompt"], "k": [32], "seeds": [1],
+        "targets": ["de", "es", "zh"],
+        "train": {"questions": 300, "dev_examples": 30, "max_length": 128, "stride": 32, "steps": 8, "batch": 8, "warmup": 0.1,
+                  "alignment_pairs": 200},
+        "eval": {"xquad": {"langs": ["de"], "max_examples": 40}, "mlqa": {"langs": ["de"], "max_examples": 40}},
         "prompt_tokens": 20,
     },
     "full": {
@@ -316,7 +324,7 @@ _STEP = re.compile(r"^step (\d+) ", re.M)
 def _cell_progress(cell_dir: Path) -> tuple[int, str]:
     """(optimizer steps done, phase) of a running cell, from its run's train.log or the peer's step file."""
     phase_file = cell_dir / "phase.txt"
-    phase = phase_file.read_text(encoding="utf-8").strip() if phase_file.is_file() else "starting"
+    phase = (phase_file.read_text(encoding="utf-8").strip() if phase_file.is_file() else "") or "starting"
     step = 0
     log = cell_dir / "run" / "train.log"
     if log.is_file():
@@ -502,13 +510,15 @@ def run_cell(cell_dir: Path) -> dict[str, Any]:
         trained = {"steps": summary["step"], "features": summary.get("task_features"), "features_per_s": _dsxfer_features_per_s(run_dir),
                    "train_s": train_s, "stopped": summary["stopped"]}
         _phase(cell_dir, "evaluating")
+        t = time.perf_counter()
         scores = _evaluate(spec, run_dir, cell_dir)
+        trained["eval_s"] = time.perf_counter() - t
         config = cfg.to_dict()
     else:
         scores, trained, config = _run_peer(spec, cfg, model_path, device, run_dir, cell_dir)
     result = {"cell": spec["cell"], "spec": spec, "config": config, "method": spec["method"], "kind": spec["kind"], "task": spec["task"],
               "k": spec["k"], "seed": spec["seed"], "source_lang": cfg.data.source_lang, "scores": scores, "train": trained,
-              "peak_rss_mb": _peak_rss_mb(), "wall_s": time.perf_counter() - t0, "device": device,
+              "eval_s": trained.pop("eval_s"), "peak_rss_mb": _peak_rss_mb(), "wall_s": time.perf_counter() - t0, "device": device,
               "torch_threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -540,8 +550,10 @@ def _run_peer(spec: dict[str, Any], cfg, model_path: str | None, device: str, ru
     _phase(cell_dir, "evaluating")
     predictor = peer_predictor(peer["model"], peer["tokenizer"], peer["n_virtual"], name=spec["method"], model_name=path,
                                max_length=cfg.model.max_length, doc_stride=cfg.model.doc_stride)
+    t = time.perf_counter()
     scores = _evaluate(spec, run_dir, cell_dir, predictor)
-    trained = {"steps": peer["steps"], "features": peer["windows"], "features_per_s": peer["features_per_s"], "train_s": peer["train_s"],
+    eval_s = time.perf_counter() - t
+    trained = {"eval_s": eval_s, "steps": peer["steps"], "features": peer["windows"], "features_per_s": peer["features_per_s"], "train_s": peer["train_s"],
                "trainable_params": peer["trainable_params"]}
     config = {"peer": spec["kind"], "model": path, "lr": spec["lr"], "steps": cfg.train.max_steps, "batch": cfg.train.micro_batch_size,
               "warmup_steps": cfg.train.warmup_steps, "max_length": cfg.model.max_length, "doc_stride": cfg.model.doc_stride,

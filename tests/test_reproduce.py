@@ -242,7 +242,7 @@ def test_prompt_tuning_labels_are_shifted_onto_the_answer_token(tiny_model_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["reproduce", "--suite", "tinyy"], "reproduce: unknown suite 'tinyy': choose one of tiny, small, full or give a .yaml/.json suite file"),
+    (["reproduce", "--suite", "tinyy"], "reproduce: unknown suite 'tinyy': choose one of tiny, small, probe, full or give a .yaml/.json suite file"),
     (["reproduce", "--suite", "tiny", "--methods", "peft_lora"], "reproduce: --methods: 'peft_lora' is not a method of suite tiny"),
 ])
 def test_bad_reproduce_arguments_are_one_line(args, message, tmp_path):
@@ -269,7 +269,7 @@ def test_every_cell_of_every_suite_is_a_valid_config_and_a_dry_run_writes_nothin
         suite = load_suite(name)
         cells = grid_cells(suite)
         assert len(cells) == len({c["cell"] for c in cells})
-        for c in cells:
+        for c in [c for c in cells if c["seed"] == suite["seeds"][0]]:  # seeds differ only in train.seed
             cfg = load_config(None, c["config"] + [f"train.output_dir={tmp_path / 'x'}"])
             assert cfg.train.seed == c["seed"] and cfg.data.k_shot == c["k"] and cfg.train.lr == METHODS[c["method"]]["lr"]
     small = load_suite("small")
@@ -277,4 +277,4 @@ def test_every_cell_of_every_suite_is_a_valid_config_and_a_dry_run_writes_nothin
     assert small["k"] == [0, 32] and len(small["seeds"]) == 3 and all(ev["max_examples"] >= 300 for ev in small["eval"].values())
     assert set(load_suite("full")["methods"]) == set(METHODS)
     done = run_grid("small", tmp_path / "out", dry_run=True, quiet=True)
-    assert len(done["cells"]) == 30 and not (tmp_path / "out").exists()
+    assert len(done["cells"]) == 24 and not (tmp_path / "out").exists()

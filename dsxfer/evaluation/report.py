@@ -774,7 +774,9 @@ def efficiency_rows(cells: Sequence[dict[str, Any]], order: Sequence[str]) -> li
     for m in methods:
         mine = [c for c in cells if c["method"] == m]
         fps = [c["train"]["features_per_s"] for c in mine if c["train"].get("features_per_s")]
+        evals = [c["eval_s"] for c in mine if c.get("eval_s") is not None]
         out.append({"method": m, "cells": len(mine), "features_per_s": sum(fps) / len(fps) if fps else None,
+                    "eval_s": sum(evals) / len(evals) if evals else None,
                     "peak_rss_mb": sum(c["peak_rss_mb"] for c in mine) / len(mine), "wall_s": sum(c["wall_s"] for c in mine) / len(mine),
                     "wall_s_total": sum(c["wall_s"] for c in mine)})
     return out
@@ -826,10 +828,12 @@ def _ablation_markdown(abl: list[dict[str, Any]]) -> str:
 
 
 def _efficiency_markdown(eff: list[dict[str, Any]]) -> str:
-    lines = ["| method | cells | train features/s | peak RSS MB | wall s per cell | wall s, all its cells |", "|---|---|---|---|---|---|"]
+    lines = ["| method | cells | train features/s | peak RSS MB | evaluation s per cell | wall s per cell | wall s, all its cells |",
+             "|---|---|---|---|---|---|---|"]
     for e in eff:
         fps = "-" if e["features_per_s"] is None else f"{e['features_per_s']:.2f}"
-        lines.append(f"| {e['method']} | {e['cells']} | {fps} | {e['peak_rss_mb']:.0f} | {e['wall_s']:.1f} | {e['wall_s_total']:.0f} |")
+        ev = "-" if e.get("eval_s") is None else f"{e['eval_s']:.1f}"
+        lines.append(f"| {e['method']} | {e['cells']} | {fps} | {e['peak_rss_mb']:.0f} | {ev} | {e['wall_s']:.1f} | {e['wall_s_total']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
