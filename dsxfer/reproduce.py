@@ -377,6 +377,7 @@ def run_grid(suite_name: str, out_dir: str | Path, *, device: str = "cpu", model
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DsxferError(f"reproduce: cannot write the results folder {out}: {e.strerror or e}; choose another --out") from None
+    lock = _lock_results(out)  # held until this process ends: two grids on one folder would redo each other's cells
     model_path = _model_path(suite, out, model)
     grid = {"suite": suite, "model_path": model_path, "device": device, "cells": [c["cell"] for c in cells],
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -404,11 +405,29 @@ def run_grid(suite_name: str, out_dir: str | Path, *, device: str = "cpu", model
         grid_bar.set_postfix_str(f"grid ETA {_fmt_s(eta)}")
         tqdm.write(f"cell {spec['cell']}: {status}; {len(left)} left, grid ETA {_fmt_s(eta)}") if not quiet else None
     grid_bar.close()
+    os.close(lock)
     wall = time.perf_counter() - t0
     say(f"suite {suite['name']}: ran {len(ran)}, skipped {len(skipped)} (finished earlier), failed {len(failed)} in {_fmt_s(wall)}"
         + (f"; failed cells: {', '.join(failed)} (run again to retry them)" if failed else "")
         + f"\nnext: dsxfer report {out}")
     return {"ran": ran, "skipped": [s["cell"] for s in skipped], "failed": failed, "cells": [c["cell"] for c in cells], "wall_s": wall}
+
+
+def _lock_results(out: Path) -> int:
+    """An exclusive flock on <out>/.reproduce.lock (released by the kernel when the process ends, however it ends)."""
+    import fcntl
+
+    path = out / ".reproduce.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = path.read_text(encoding="utf-8").strip() or "another process"
+        os.close(fd)
+        raise DsxferError(f"reproduce: results folder {out} is in use by {holder}: wait for that grid to end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+    return fd
 
 
 def _estimate(durations: dict[str, list[float]], method: str) -> float:

@@ -278,3 +278,20 @@ def test_every_cell_of_every_suite_is_a_valid_config_and_a_dry_run_writes_nothin
     assert set(load_suite("full")["methods"]) == set(METHODS)
     done = run_grid("small", tmp_path / "out", dry_run=True, quiet=True)
     assert len(done["cells"]) == 24 and not (tmp_path / "out").exists()
+
+
+def test_a_results_folder_in_use_by_another_grid_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "res"
+    out.mkdir()
+    with open(out / ".reproduce.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 (started 2026-12-01 10:00:00)")
+        held.flush()
+        r = subprocess.run([*CLI, "reproduce", "--suite", "tiny", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                           env=_env(), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"dsxfer: error: reproduce: results folder {out} is in use by pid 4242 (started 2026-12-01 10:00:00): "
+                                "wait for that grid to end, or choose another --out")
+    assert not (out / "grid.json").exists() and not (out / "tiny-model").exists()
