@@ -103,7 +103,7 @@ def test_peers_train_on_the_rows_dsxfer_trains_on_and_shots_are_not_evaluated(ti
         shots = json.loads((ours / "shots.json").read_text())
         assert shots["ids"] == json.loads((peer / "shots.json").read_text())["ids"]
         shot_ids = {i for ids in shots["ids"].values() for i in ids}
-        assert len(shot_ids) == 8
+        assert 0 < len(shot_ids) <= 8  # 4 per target language (a row id may be drawn for both)
         for cell in (ours.parent, peer.parent):
             for lang in ("en", "de", "es"):  # MLQA rows are translations: a shot in any language is out of every language
                 predicted = set(json.loads((cell / "eval" / "mlqa" / f"predictions_{lang}.json").read_text()))
