@@ -294,27 +294,6 @@ def child_dsxfer(spec: dict, method: str) -> dict:
             "eval_model_fps": len(feats) / in_model[0], "eval_e2e_fps": len(feats) / e2e}
 
 
-def featurize_windows(examples: list, tokenizer, max_length: int, stride: int, with_labels: bool) -> list[dict]:
-    """Question + context windows the usual transformers way: overflowing tokens with a stride, labels
-    from the offset mapping (a window that does not hold the whole answer points at the CLS token)."""
-    enc = tokenizer([ex.question for ex in examples], [ex.context for ex in examples], truncation="only_second",
-                    max_length=max_length, stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
-    windows = []
-    for i, offsets in enumerate(enc["offset_mapping"]):
-        window = {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i]}
-        if with_labels:
-            ex = examples[enc["overflow_to_sample_mapping"][i]]
-            in_context = [k for k, s in enumerate(enc.sequence_ids(i)) if s == 1]
-            first_char, last_char = ex.answer_starts[0], ex.answer_starts[0] + len(ex.answers[0])
-            start = end = 0
-            if offsets[in_context[0]][0] <= first_char and offsets[in_context[-1]][1] >= last_char:
-                start = next(k for k in in_context if offsets[k][1] > first_char)
-                end = next(k for k in reversed(in_context) if offsets[k][0] < last_char)
-            window.update(start_positions=start, end_positions=end)
-        windows.append(window)
-    return windows
-
-
 def alignment_batches(spec: dict, tokenizer):
     """An endless seeded stream of (source, target) tokenized batches of Tatoeba eng-deu pairs."""
     import random
@@ -337,6 +316,7 @@ def child_peer(spec: dict, method: str) -> dict:
                               TrainerCallback, TrainingArguments)
 
     from dsxfer.data.readers import read_squad_json
+    from dsxfer.peers import featurize_windows  # the windows every peer of dsxfer reproduce trains on, too
 
     path = spec["model_path"]
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from dsxfer import __version__
@@ -193,9 +194,30 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(line)
 
 
-def cmd_report(args: argparse.Namespace) -> None:
-    from dsxfer.evaluation.report import write_report
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from dsxfer.reproduce import run_grid
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    out = args.out or f"runs/reproduce/{Path(args.suite).stem}"
+    done = run_grid(args.suite, out, device=args.device, model=args.model, methods=methods, dry_run=args.dry_run)
+    if done["failed"]:
+        raise DsxferError(f"reproduce: {len(done['failed'])} cell(s) failed ({', '.join(done['failed'][:3])}); each cell's log.txt "
+                          f"under {out}/cells says why; run the same command again to retry them")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dsxfer.evaluation.report import is_results_folder, write_grid_report, write_report
+
+    if len(args.run_dirs) == 1 and is_results_folder(args.run_dirs[0]):
+        output_dir = args.output_dir or f"{args.run_dirs[0]}/report"
+        result = write_grid_report(args.run_dirs[0], output_dir, plots=args.plots, markdown_path=args.markdown)
+        print(result["markdown"])
+        print(f"wrote {output_dir}/report.md, report.json" + (f" and {len(result['images'])} PNG charts" if result["images"] else "")
+              + (f"; tables also in {args.markdown}" if args.markdown else ""))
+        return
+    if args.markdown:
+        raise UsageError("report: --markdown writes the tables of a `dsxfer reproduce` results folder; give that folder alone")
+    args.output_dir = args.output_dir or "runs/report"
     result = write_report(list(args.run_dirs), args.output_dir, plots=args.plots)
     print(result["markdown"])
     charts = len(result["images"]) + len(result.get("curves", []))
@@ -302,12 +324,29 @@ def build_parser() -> _Parser:
     p.add_argument("--force", action="store_true", help="rebuild even when the cached folder is valid")
     p.add_argument("--model", metavar="NAME_OR_PATH", help="instead load this HF model and its tokenizer and summarise them")
 
-    p = command("report", cmd_report, "aggregate runs into per-language tables (md/csv/json) and PNG charts",
+    p = command("reproduce", cmd_reproduce, "run a suite: methods x k shots x seeds, dsxfer against PEFT + the HF Trainer, one JSON per cell",
+                "Suites: tiny (a tiny random model: checks the machinery in minutes), small (the embedded model, about two\n"
+                "hours on 2 CPU cores), full (every method and k, 5 seeds), or a suite YAML/JSON file. Each cell trains and\n"
+                "evaluates in its own process and writes <out>/cells/<cell>/result.json; finished cells are skipped, so the same\n"
+                "command continues a stopped grid. Then `dsxfer report <out>` writes the tables and charts.")
+    p.add_argument("--suite", required=True, metavar="NAME", help="tiny, small, full, or a suite .yaml/.json file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every cell trains and evaluates")
+    p.add_argument("--out", metavar="DIR", help="the results folder (default: runs/reproduce/<suite>)")
+    p.add_argument("--model", metavar="DIR", help="a model folder instead of the suite's model ('embedded', 'tiny' also accepted)")
+    p.add_argument("--methods", metavar="LIST", help="run only these methods of the suite (comma list)")
+    p.add_argument("--dry_run", action="store_true", help="list the cells that would run and stop")
+
+    p = command("report", cmd_report, "aggregate runs, or a `dsxfer reproduce` results folder, into per-language tables and PNG charts",
                 "Runs whose config.yaml differ only in the seed are seeds of one method, named by what they trained:\n"
                 "mean, std and min per language, and the average over the target languages (the source apart).\n"
-                "Also writes a training-curve PNG per run.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders holding scores.json (from dsxfer eval), or one level up")
-    p.add_argument("-o", "--output_dir", default="runs/report", metavar="DIR", help="where report.md/csv/json and the charts go")
+                "Also writes a training-curve PNG per run. Given one results folder of `dsxfer reproduce`, the cells'\n"
+                "result.json are aggregated per method and k instead (plus F1 against k, std against k, the ablation table).")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders holding scores.json (from dsxfer eval), or one level up; "
+                   "or one results folder of dsxfer reproduce")
+    p.add_argument("-o", "--output_dir", metavar="DIR", help="where report.md/csv/json and the charts go (default: runs/report; "
+                   "RESULTS/report for a results folder)")
+    p.add_argument("--markdown", metavar="PATH", help="results folder only: also write the tables into this markdown file (e.g. "
+                   "docs/RESULTS.md), replacing the suite's earlier section there")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG charts (--no-plots: tables only)")
     return top
 

@@ -100,7 +100,7 @@ def test_version_is_the_installed_package_version():
 def test_help_lists_each_command_once_and_explains_every_flag():
     r, _ = _run("--help")
     assert r.returncode == 0
-    commands = ["config", "demo", "train", "eval", "score", "export", "prepare-model", "report"]
+    commands = ["config", "demo", "train", "eval", "score", "export", "prepare-model", "report", "reproduce"]
     for name in commands:
         assert sum(line.split()[0] == name for line in r.stdout.splitlines() if line.strip()) == 1, (name, r.stdout)
     assert "prepare_model" not in r.stdout and "--version" in r.stdout

@@ -645,3 +645,273 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path, *, plot
     methods = {r["run_dir"]: r["method"] for r in rows if r["run_dir"]}
     return {"markdown": md, "aggregate": agg, "tables": tables, "images": [str(p) for p in images],
             "curves": [str(p) for p in curves], "methods": methods, "output_dir": str(out)}
+
+
+# --------------------------------------------------------------------- dsxfer reproduce results folders
+# A results folder of `dsxfer reproduce` holds grid.json and cells/<cell>/result.json (one training +
+# evaluation each). Cells are aggregated with the same Table, statistics and target average as runs are,
+# per shot count k: a method's n runs are its seeds at that k.
+
+GRID_FILE = "grid.json"
+_CELL_KEYS = ("cell", "method", "task", "k", "seed", "scores", "train", "peak_rss_mb", "wall_s")
+TASK_DISPLAY = {"xquad": "XQuAD", "mlqa": "MLQA dev", "pawsx": "PAWS-X dev (held-out rows)"}
+
+
+def is_results_folder(path: str | Path) -> bool:
+    """True for a folder written by `dsxfer reproduce` (its grid.json or a cell result)."""
+    p = Path(path)
+    return (p / GRID_FILE).is_file() or any((p / "cells").glob("*/result.json"))
+
+
+def load_cells(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished cell's result.json (a cell without one is unfinished and left out)."""
+    cells = []
+    for path in sorted(Path(results_dir).glob("cells/*/result.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); delete it and rerun dsxfer reproduce to redo the cell") from None
+        missing = [k for k in _CELL_KEYS if not isinstance(doc, dict) or k not in doc]
+        if missing:
+            raise DataError(f"{path}: field '{missing[0]}' is missing; this is not a cell result of dsxfer reproduce "
+                            "(delete it and rerun dsxfer reproduce to redo the cell)")
+        cells.append(doc)
+    if not cells:
+        raise DataError(f"{results_dir}: no finished cell (cells/*/result.json); run dsxfer reproduce --out {results_dir} first")
+    return cells
+
+
+def cell_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells' scores as report rows (the shape load_runs returns), with the cell's k; a cell is one 'run'."""
+    rows = []
+    for c in cells:
+        for task, per_lang in c["scores"].items():
+            for lang, r in per_lang.items():
+                for metric in ("f1", "exact_match", "accuracy"):
+                    if metric in r:
+                        rows.append({"method": c["method"], "run": c["cell"], "run_dir": None, "seed": c["seed"], "k": c["k"],
+                                     "source_lang": c.get("source_lang", DEFAULT_SOURCE_LANG), "source_from_config": True,
+                                     "task": task, "lang": lang, "metric": metric, "value": float(r[metric]),
+                                     "data": TASK_DISPLAY.get(task, task), "n_examples": r.get("n_examples"),
+                                     "excluded": r.get("excluded", 0),
+                                     "majority": r.get("majority_accuracy") if metric == "accuracy" else None})
+    return rows
+
+
+def grid_tables(rows: list[dict[str, Any]], order: Sequence[str] = ()) -> dict[int, list[Table]]:
+    """Per k, the tables of build_tables (methods in the suite's order); the data label names k."""
+    out = {}
+    for k in sorted({r["k"] for r in rows}):
+        tables = build_tables([r for r in rows if r["k"] == k])
+        for t in tables:
+            t.data = f"{t.data}, k = {k} target shots per language"
+            rank = {m: i for i, m in enumerate(order)}
+            t.methods.sort(key=lambda m: rank.get(m, len(rank)))
+        out[k] = tables
+    return out
+
+
+def _range(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+
+def questions_note(rows: list[dict[str, Any]], task: str, k: int) -> str:
+    """Questions evaluated per language and the shots left out of them (ranges over the cells)."""
+    parts = []
+    for lang in dict.fromkeys(r["lang"] for r in rows if r["task"] == task and r["k"] == k):
+        mine = [r for r in rows if r["task"] == task and r["k"] == k and r["lang"] == lang and r["metric"] in ("f1", "accuracy")]
+        n = [r["n_examples"] for r in mine if r["n_examples"] is not None]
+        excluded = [r["excluded"] for r in mine]
+        parts.append(f"{lang} {_range(n)}" + (f" ({_range(excluded)} shot rows excluded)" if any(excluded) else ""))
+    return "Questions evaluated per language (over the cells): " + "; ".join(parts) + "."
+
+
+def target_avg_by_cell(rows: list[dict[str, Any]], task: str, metric: str, targets: Sequence[str]) -> dict[tuple[str, int], list[float]]:
+    """(method, k) -> the target average of each of its cells (seeds)."""
+    per_cell: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r["task"] == task and r["metric"] == metric:
+            per_cell[(r["method"], r["k"], r["run"])][r["lang"]] = r["value"]
+    out: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for (method, k, _cell), values in per_cell.items():
+        a = target_average(values, targets)
+        if a is not None:
+            out[(method, k)].append(a)
+    return out
+
+
+def ablation_rows(cells: Sequence[dict[str, Any]], rows: list[dict[str, Any]], tables: dict[int, list[Table]]) -> list[dict[str, Any]]:
+    """Each ablation cell group against the method it ablates: target-average mean, std, n and the difference of the means."""
+    ablates = {c["method"]: c["spec"].get("ablation_of") for c in cells if c.get("spec", {}).get("ablation_of")}
+    out = []
+    for k, ts in tables.items():
+        for t in ts:
+            if t.metric not in ("f1", "accuracy"):
+                continue
+            for base in dict.fromkeys(ablates.values()):
+                if base not in t.avg:
+                    continue
+                b = t.avg[base]
+                out.append({"task": t.task, "metric": t.metric, "k": k, "method": base, "change": "(the full method)", **b, "delta": 0.0})
+                for m, of in ablates.items():
+                    if of == base and m in t.avg:
+                        out.append({"task": t.task, "metric": t.metric, "k": k, "method": m,
+                                    "change": next(c["spec"].get("change") for c in cells if c["method"] == m),
+                                    **t.avg[m], "delta": t.avg[m]["mean"] - b["mean"]})
+    return out
+
+
+def efficiency_rows(cells: Sequence[dict[str, Any]], order: Sequence[str]) -> list[dict[str, Any]]:
+    """Per method: cells, train features/s, peak memory and wall time (mean over its cells)."""
+    out = []
+    methods = sorted({c["method"] for c in cells}, key=lambda m: (list(order).index(m) if m in order else len(order), m))
+    for m in methods:
+        mine = [c for c in cells if c["method"] == m]
+        fps = [c["train"]["features_per_s"] for c in mine if c["train"].get("features_per_s")]
+        evals = [c["eval_s"] for c in mine if c.get("eval_s") is not None]
+        out.append({"method": m, "cells": len(mine), "features_per_s": sum(fps) / len(fps) if fps else None,
+                    "eval_s": sum(evals) / len(evals) if evals else None,
+                    "peak_rss_mb": sum(c["peak_rss_mb"] for c in mine) / len(mine), "wall_s": sum(c["wall_s"] for c in mine) / len(mine),
+                    "wall_s_total": sum(c["wall_s"] for c in mine)})
+    return out
+
+
+def k_curve_figure(rows: list[dict[str, Any]], task: str, metric: str, targets: Sequence[str], methods: Sequence[str], *, std_only: bool):
+    """The target average against k per method: the mean with a ±std band (std_only: the std itself, the stability)."""
+    plt = _pyplot()
+    by = target_avg_by_cell(rows, task, metric, targets)
+    fig = plt.figure(figsize=(8, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    for m in methods:
+        ks = sorted(k for (mm, k) in by if mm == m)
+        stats = [_stats(by[(m, k)]) for k in ks]
+        if not ks or (std_only and all(s["n_runs"] < 2 for s in stats)):
+            continue
+        n = _range([s["n_runs"] for s in stats])
+        if std_only:
+            ax.plot(ks, [s["std"] for s in stats], marker="o", label=f"{m} (n={n})")
+        else:
+            means = [s["mean"] for s in stats]
+            line, = ax.plot(ks, means, marker="o", label=f"{m} (n={n})")
+            if any(s["n_runs"] > 1 for s in stats):
+                ax.fill_between(ks, [s["mean"] - s["std"] for s in stats], [s["mean"] + s["std"] for s in stats],
+                                color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("k (target-language shots per language)")
+    name = METRIC_LABEL[metric]
+    ax.set_ylabel(f"std over seeds of the target-average {name}" if std_only else f"target-average {name}")
+    all_k = sorted({k for (_m, k) in by})
+    if all_k:
+        ax.set_xticks(all_k)
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside lower center", fontsize="small", ncols=2)
+    else:
+        ax.text(0.5, 0.5, "no method has more than one seed here", ha="center", va="center", transform=ax.transAxes)
+    what = "std over seeds (stability)" if std_only else "mean over seeds, band = ±1 std"
+    fit_title(fig, [f"{task}: target-average {name} against k ({what})",
+                    f"targets {', '.join(targets)}; the source language is not in the average"])
+    return fig
+
+
+def _ablation_markdown(abl: list[dict[str, Any]]) -> str:
+    if not abl:
+        return "No ablation cells in this folder (a suite with recipe_* methods has them).\n"
+    lines = ["| task | k | method | change | n | target avg (mean ± std, min) | difference of the means |", "|---|---|---|---|---|---|---|"]
+    for a in abl:
+        lines.append(f"| {a['task']} | {a['k']} | {a['method']} | {a['change']} | {a['n_runs']} | {_cell(a)} | {a['delta']:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _efficiency_markdown(eff: list[dict[str, Any]]) -> str:
+    lines = ["| method | cells | train features/s | peak RSS MB | evaluation s per cell | wall s per cell | wall s, all its cells |",
+             "|---|---|---|---|---|---|---|"]
+    for e in eff:
+        fps = "-" if e["features_per_s"] is None else f"{e['features_per_s']:.2f}"
+        ev = "-" if e.get("eval_s") is None else f"{e['eval_s']:.1f}"
+        lines.append(f"| {e['method']} | {e['cells']} | {fps} | {e['peak_rss_mb']:.0f} | {ev} | {e['wall_s']:.1f} | {e['wall_s_total']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _replace_section(path: Path, name: str, body: str) -> None:
+    """Write body into path between this suite's markers (replacing an earlier section), or append it."""
+    begin, end = f"<!-- dsxfer reproduce {name}: begin -->", f"<!-- dsxfer reproduce {name}: end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def write_grid_report(results_dir: str | Path, output_dir: str | Path, *, plots: bool = True,
+                      markdown_path: str | Path | None = None) -> dict[str, Any]:
+    """Tables (per task, metric and k: mean ± std (min) over seeds, n, per language, the target average with
+    the source apart), the ablation and cost tables and PNG charts of a `dsxfer reproduce` results folder."""
+    import os
+
+    results = Path(results_dir)
+    grid = json.loads((results / GRID_FILE).read_text(encoding="utf-8")) if (results / GRID_FILE).is_file() else {}
+    suite = grid.get("suite", {})
+    cells = load_cells(results)
+    order = list(suite.get("methods", [])) + list(suite.get("pawsx", {}).get("methods", []))
+    rows = cell_rows(cells)
+    tables = grid_tables(rows, order)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images: list[Path] = []
+    if plots:
+        plt = _pyplot()
+        for k, ts in tables.items():
+            for t in ts:
+                if t.metric in ("f1", "accuracy"):
+                    fig = bar_figure(t)
+                    images.append(out / f"{t.task}_{t.metric}_k{k}_bars.png")
+                    fig.savefig(images[-1], dpi=100)
+                    plt.close(fig)
+        for t in tables[max(tables)]:
+            if t.metric in ("f1", "accuracy"):
+                methods = [m for m in order if any(r["method"] == m for r in rows)] or t.methods
+                for std_only, kind in ((False, "vs_k"), (True, "std_vs_k")):
+                    fig = k_curve_figure(rows, t.task, t.metric, t.targets, methods, std_only=std_only)
+                    images.append(out / f"{t.task}_{t.metric}_{kind}.png")
+                    fig.savefig(images[-1], dpi=100)
+                    plt.close(fig)
+    abl = ablation_rows(cells, rows, tables)
+    eff = efficiency_rows(cells, order)
+    expected = grid.get("cells", [])
+    done = {c["cell"] for c in cells}
+    unfinished = [c for c in expected if c not in done]
+    name = suite.get("name", results.name)
+    abouts = {c["method"]: c["spec"].get("about", c["method"]) for c in cells}
+    md = [f"## dsxfer reproduce: suite {name}\n",
+          (suite.get("about", "") + ". " if suite.get("about") else "")
+          + f"{len(cells)} of {len(expected) or len(cells)} cells finished"
+          + (f" (not finished: {', '.join(unfinished[:6])}{' ...' if len(unfinished) > 6 else ''})" if unfinished else "")
+          + f"; wall time of the finished cells {sum(c['wall_s'] for c in cells) / 60:.1f} min"
+          + (f" on {grid['device']}" if grid.get("device") else "") + ".\n",
+          "Source: TyDi QA GoldP English train minus the source dev hold-out; k target shots per language from MLQA dev, "
+          "left out of the MLQA dev evaluation (counted below each MLQA table). Every cell is one seed; n = the seeds per method.\n",
+          "| method | what it trains |", "|---|---|", *[f"| {m} | {abouts[m]} |" for m in sorted(abouts, key=lambda m: (order.index(m) if m in order else len(order), m))], ""]
+    for k, ts in tables.items():
+        md.append(f"### k = {k}\n")
+        for t in ts:
+            md.append(table_markdown(t))
+            md.append(questions_note(rows, t.task, k) + "\n")
+    md += ["### Ablations (target average)\n", _ablation_markdown(abl), "### Cost per cell\n", _efficiency_markdown(eff)]
+    text = "\n".join(md)
+    (out / "report.md").write_text(text + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n" if images else ""),
+                                   encoding="utf-8")
+    aggregate = [{**a, "k": k} for k, ts in tables.items() for a in long_format(ts)]
+    doc = {"results_dir": str(results), "suite": name, "cells": len(cells), "unfinished": unfinished,
+           "definition": {f"{t.task}/{t.metric}/k{k}": t.definition() for k, ts in tables.items() for t in ts},
+           "aggregate": aggregate, "ablation": abl, "efficiency": eff}
+    (out / "report.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    if markdown_path is not None:
+        target = Path(markdown_path)
+        rel = os.path.relpath(out, target.parent if str(target.parent) else ".")
+        _replace_section(target, name, text + "\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in images))
+    return {"markdown": text, "aggregate": aggregate, "tables": tables, "ablation": abl, "efficiency": eff,
+            "images": [str(p) for p in images], "output_dir": str(out)}

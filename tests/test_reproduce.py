@@ -1,0 +1,297 @@
+"""`dsxfer reproduce` and `dsxfer report` on its results folder, through the real command line.
+
+The tiny suite (a random 4-layer XLM-R built by the harness, dsxfer LoRA and PEFT prompt tuning, 2 seeds,
+k = 4) runs for real in subprocesses: a first grid is killed while a cell trains, the second continues it
+(finished cells skipped, the killed cell redone from scratch), a third finds everything done. The report's
+numbers are checked against a hand aggregation of the cells' result.json files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "dsxfer.cli"]
+CELLS = ["qa-dsxfer_lora-k4-s1", "qa-peft_prompt-k4-s1", "qa-dsxfer_lora-k4-s2", "qa-peft_prompt-k4-s2"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _reproduce(out: Path, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "reproduce", "--suite", "tiny", "--out", str(out), *extra], capture_output=True, text=True,
+                          cwd=REPO, env=_env(), timeout=timeout)
+
+
+def _ids(path: Path) -> list[str]:
+    doc = json.loads(path.read_text())
+    return sorted(doc["ids"]) if isinstance(doc, dict) else sorted(doc)
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    """The tiny suite run as a user would: started, killed in its third cell, continued, then run once more."""
+    out = tmp_path_factory.mktemp("results") / "tiny"
+    first = subprocess.Popen([*CLI, "reproduce", "--suite", "tiny", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             cwd=REPO, env=_env(), start_new_session=True)
+    third = out / "cells" / CELLS[2]
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        phase = third / "phase.txt"
+        if phase.is_file() and phase.read_text().strip() == "training":
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, first.stdout.read().decode()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)  # the grid and the cell it was running, mid-training
+    first.wait()
+    first.stdout.close()
+    assert not (third / "result.json").exists()
+    (third / "run" / "checkpoints" / "step-00000099").mkdir(parents=True, exist_ok=True)  # leftovers of the killed cell
+    before = {c: (out / "cells" / c / "result.json").read_text() for c in CELLS[:2]}
+
+    second = _reproduce(out)
+    t = time.perf_counter()
+    again = _reproduce(out, timeout=120)
+    again_s = time.perf_counter() - t
+    return {"out": out, "second": second, "again": again, "again_s": again_s, "before": before}
+
+
+def test_a_killed_grid_continues_and_a_finished_grid_skips_every_cell(tiny_results):
+    out, second, again = tiny_results["out"], tiny_results["second"], tiny_results["again"]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "4 cells" in second.stdout and "2 finished earlier (skipped), 2 to run" in second.stdout, second.stdout
+    for cell, text in tiny_results["before"].items():  # finished cells were not run again
+        assert (out / "cells" / cell / "result.json").read_text() == text
+    assert not (out / "cells" / CELLS[2] / "run" / "checkpoints" / "step-00000099").exists()  # the killed cell started over
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "4 finished earlier (skipped), 0 to run" in again.stdout and "ran 0, skipped 4" in again.stdout, again.stdout
+    assert tiny_results["again_s"] < 60
+
+
+def test_every_cell_writes_a_complete_result(tiny_results):
+    out = tiny_results["out"]
+    for cell in CELLS:
+        doc = json.loads((out / "cells" / cell / "result.json").read_text())
+        assert doc["cell"] == cell and doc["k"] == 4 and doc["seed"] in (1, 2)
+        assert set(doc["scores"]) == {"xquad", "mlqa"}
+        for task in ("xquad", "mlqa"):
+            assert set(doc["scores"][task]) == {"en", "de", "es"}
+            for r in doc["scores"][task].values():
+                assert 0.0 <= r["exact_match"] <= r["f1"] <= 100.0 and r["n_examples"] == 10
+        assert doc["train"]["steps"] == 4 and doc["train"]["features_per_s"] > 0
+        assert doc["peak_rss_mb"] > 100 and doc["wall_s"] > 0
+        assert doc["config"]  # the resolved dsxfer config, or the peer's settings with the data config it shares
+
+
+def test_peers_train_on_the_rows_dsxfer_trains_on_and_shots_are_not_evaluated(tiny_results):
+    out = tiny_results["out"]
+    for seed in (1, 2):
+        ours, peer = out / "cells" / f"qa-dsxfer_lora-k4-s{seed}" / "run", out / "cells" / f"qa-peft_prompt-k4-s{seed}" / "run"
+        for name in ("train_rows.json", "source_dev_ids.json"):
+            assert _ids(ours / name) == _ids(peer / name), name
+        shots = json.loads((ours / "shots.json").read_text())
+        assert shots["ids"] == json.loads((peer / "shots.json").read_text())["ids"]
+        shot_ids = {i for ids in shots["ids"].values() for i in ids}
+        assert 0 < len(shot_ids) <= 8  # 4 per target language (a row id may be drawn for both)
+        for cell in (ours.parent, peer.parent):
+            for lang in ("en", "de", "es"):  # MLQA rows are translations: a shot in any language is out of every language
+                predicted = set(json.loads((cell / "eval" / "mlqa" / f"predictions_{lang}.json").read_text()))
+                assert len(predicted) == 10 and not predicted & shot_ids
+            result = json.loads((cell / "result.json").read_text())
+            assert result["scores"]["mlqa"]["de"]["excluded"] > 0  # counted, as the table shows
+
+
+def _hand_stats(values: list[float]) -> tuple[float, float, float]:
+    return statistics.mean(values), statistics.stdev(values), min(values)
+
+
+def test_report_numbers_equal_a_hand_aggregation_of_the_cells(tiny_results, tmp_path):
+    out = tiny_results["out"]
+    md_file = tmp_path / "docs" / "RESULTS.md"
+    md_file.parent.mkdir()
+    md_file.write_text("# Results\n\nkept text\n")
+    r = subprocess.run([*CLI, "report", str(out), "-o", str(tmp_path / "report"), "--markdown", str(md_file)], capture_output=True,
+                       text=True, cwd=REPO, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((tmp_path / "report" / "report.json").read_text())
+    cells = [json.loads((out / "cells" / c / "result.json").read_text()) for c in CELLS]
+    agg = {(a["task"], a["metric"], a["k"], a["method"], a["lang"]): a for a in doc["aggregate"]}
+    for task in ("xquad", "mlqa"):
+        for method in ("dsxfer_lora", "peft_prompt"):
+            mine = [c for c in cells if c["method"] == method]
+            for lang in ("en", "de", "es"):
+                mean, std, low = _hand_stats([c["scores"][task][lang]["f1"] for c in mine])
+                a = agg[(task, "f1", 4, method, lang)]
+                assert a["n_runs"] == 2 and math.isclose(a["mean"], mean) and math.isclose(a["std"], std) and math.isclose(a["min"], low)
+                assert a["role"] == ("source" if lang == "en" else "target")
+            # the average is over the target languages only, per cell, then over the seeds
+            mean, std, low = _hand_stats([(c["scores"][task]["de"]["f1"] + c["scores"][task]["es"]["f1"]) / 2 for c in mine])
+            a = agg[(task, "f1", 4, method, "avg")]
+            assert math.isclose(a["mean"], mean) and math.isclose(a["std"], std) and math.isclose(a["min"], low)
+            cell_text = f"{mean:.1f} ± {std:.1f} (min {low:.1f})"
+            row = next(line for line in (tmp_path / "report" / "report.md").read_text().split(f"### {task}: F1")[1].splitlines()
+                       if line.startswith(f"| {method} |"))
+            assert cell_text in row and row.split(" | ")[1] == "2"
+    eff = {e["method"]: e for e in doc["efficiency"]}
+    assert math.isclose(eff["peft_prompt"]["peak_rss_mb"], statistics.mean(c["peak_rss_mb"] for c in cells if c["method"] == "peft_prompt"))
+    for name in ("xquad_f1_k4_bars.png", "mlqa_f1_k4_bars.png", "xquad_f1_vs_k.png", "xquad_f1_std_vs_k.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md_file.read_text()
+    assert text.startswith("# Results\n\nkept text\n") and "<!-- dsxfer reproduce tiny: begin -->" in text
+    assert "](../report/xquad_f1_k4_bars.png)" in text  # image links relative to the markdown file
+    # a second report replaces the suite's section instead of adding another
+    r = subprocess.run([*CLI, "report", str(out), "-o", str(tmp_path / "report"), "--markdown", str(md_file), "--no-plots"],
+                       capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert md_file.read_text().count("<!-- dsxfer reproduce tiny: begin -->") == 1
+
+
+def _cell(results: Path, method: str, k: int, seed: int, avg_parts: tuple[float, float], *, ablation_of: str | None = None,
+          change: str | None = None) -> dict:
+    """A cell result as dsxfer reproduce writes it (hand-made numbers)."""
+    cell = f"qa-{method}-k{k}-s{seed}"
+    de, es = avg_parts
+    doc = {"cell": cell, "spec": {"ablation_of": ablation_of, "change": change, "about": method}, "config": {}, "method": method,
+           "kind": "dsxfer", "task": "qa", "k": k, "seed": seed, "source_lang": "en",
+           "scores": {"xquad": {"en": {"f1": 50.0, "exact_match": 40.0, "n_examples": 20, "excluded": 0},
+                                "de": {"f1": de, "exact_match": de / 2, "n_examples": 20, "excluded": 0},
+                                "es": {"f1": es, "exact_match": es / 2, "n_examples": 20, "excluded": 0}}},
+           "train": {"steps": 10, "features_per_s": 5.0}, "peak_rss_mb": 1000.0, "wall_s": 60.0}
+    folder = results / "cells" / cell
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps(doc))
+    return doc
+
+
+def test_ablation_table_and_k_curves_from_hand_made_cells(tmp_path):
+    from dsxfer.evaluation.report import write_grid_report
+
+    results = tmp_path / "results"
+    full = {0: [(30, 34), (32, 36), (31, 29)], 8: [(40, 42), (38, 44), (41, 39)]}
+    no_align = {0: [(28, 30), (27, 31), (29, 33)], 8: [(36, 38), (37, 35), (35, 37)]}
+    for k in (0, 8):
+        for seed in range(3):
+            _cell(results, "recipe", k, seed + 1, full[k][seed])
+            _cell(results, "recipe_no_alignment", k, seed + 1, no_align[k][seed], ablation_of="recipe", change="without alignment")
+    out = write_grid_report(results, tmp_path / "report")
+    abl = {(a["k"], a["method"]): a for a in out["ablation"] if a["task"] == "xquad" and a["metric"] == "f1"}
+    for k in (0, 8):
+        base = statistics.mean(sum(p) / 2 for p in full[k])
+        ablated = [sum(p) / 2 for p in no_align[k]]
+        a = abl[(k, "recipe_no_alignment")]
+        assert math.isclose(a["mean"], statistics.mean(ablated)) and math.isclose(a["std"], statistics.stdev(ablated))
+        assert math.isclose(a["delta"], statistics.mean(ablated) - base) and a["n_runs"] == 3
+        assert a["change"] == "without alignment" and abl[(k, "recipe")]["delta"] == 0.0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| xquad | 8 | recipe_no_alignment | without alignment | 3 |" in md
+    for name in ("xquad_f1_k0_bars.png", "xquad_f1_k8_bars.png", "xquad_f1_vs_k.png", "xquad_f1_std_vs_k.png"):
+        assert (tmp_path / "report" / name).is_file()
+
+
+def test_prompt_tuning_labels_are_shifted_onto_the_answer_token(tiny_model_dir):
+    """PEFT's QA wrapper puts n virtual tokens before the window and reads start/end labels as indices into that
+    longer sequence: unshifted they point n tokens early; shift_positions makes them point at the answer."""
+    import torch
+    import torch.nn.functional as F
+
+    from dsxfer.data.readers import QAExample
+    from dsxfer.peers import build_peer, featurize_windows, peer_predictor, shift_positions
+
+    context = "Alice met Bob in Paris last summer."
+    ex = QAExample(id="q1", title="t", context=context, question="Where did Alice meet Bob?", answers=["Paris"],
+                   answer_starts=[context.index("Paris")], lang="en")
+    n = 5
+    model, tokenizer, n_virtual = build_peer("peft_prompt", str(tiny_model_dir), seed=0, prompt_tokens=n)
+    assert n_virtual == n
+    (window,) = featurize_windows([ex], tokenizer, 64, 16, with_labels=True)
+    start, end = window["start_positions"], window["end_positions"]
+    assert tokenizer.decode(window["input_ids"][start:end + 1]).strip() == "Paris"
+    (shifted,) = shift_positions([window], n)
+    assert (shifted["start_positions"], shifted["end_positions"]) == (start + n, end + n)
+
+    seen = {}
+    backbone = model.get_base_model().roberta
+    backbone.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    ids = torch.tensor([window["input_ids"]])
+    model.eval()
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), start_positions=torch.tensor([start + n]),
+                end_positions=torch.tensor([end + n]))
+    words = backbone.embeddings.word_embeddings(ids)[0]
+    sequence = seen["embeds"][0]  # what the backbone saw: n virtual tokens, then the window
+    assert sequence.shape[0] == n + ids.shape[1]
+    assert torch.equal(sequence[start + n], words[start]) and torch.equal(sequence[end + n], words[end])
+    assert not torch.equal(sequence[start], words[start])  # the unshifted label points elsewhere (n tokens early)
+    # PEFT's loss reads the labels as positions in that sequence
+    by_hand = (F.cross_entropy(out.start_logits, torch.tensor([start + n])) + F.cross_entropy(out.end_logits, torch.tensor([end + n]))) / 2
+    assert torch.allclose(out.loss, by_hand)
+    # prediction drops the virtual columns: one logit per window token, aligned with the window
+    predictor = peer_predictor(model, tokenizer, n, name="peft_prompt", model_name="tiny", max_length=64, doc_stride=16)
+    s, e = predictor.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert s.shape == ids.shape and torch.allclose(s, out.start_logits[:, n:]) and predictor.reserved_tokens == n
+
+
+@pytest.mark.parametrize("args, message", [
+    (["reproduce", "--suite", "tinyy"], "reproduce: unknown suite 'tinyy': choose one of tiny, small, probe, full or give a .yaml/.json suite file"),
+    (["reproduce", "--suite", "tiny", "--methods", "peft_lora"], "reproduce: --methods: 'peft_lora' is not a method of suite tiny"),
+])
+def test_bad_reproduce_arguments_are_one_line(args, message, tmp_path):
+    r = subprocess.run([*CLI, *args, "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"dsxfer: error: {message}"), r.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_report_of_a_results_folder_without_finished_cells(tmp_path):
+    (tmp_path / "res" / "cells" / "qa-x-k0-s1").mkdir(parents=True)
+    (tmp_path / "res" / "grid.json").write_text("{}")
+    r = subprocess.run([*CLI, "report", str(tmp_path / "res")], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"dsxfer: error: {tmp_path / 'res'}: no finished cell (cells/*/result.json); "
+                                f"run dsxfer reproduce --out {tmp_path / 'res'} first")
+
+
+def test_every_cell_of_every_suite_is_a_valid_config_and_a_dry_run_writes_nothing(tmp_path):
+    from dsxfer.config import load_config
+    from dsxfer.reproduce import METHODS, SUITES, grid_cells, load_suite, run_grid
+
+    for name in SUITES:
+        suite = load_suite(name)
+        cells = grid_cells(suite)
+        assert len(cells) == len({c["cell"] for c in cells})
+        for c in [c for c in cells if c["seed"] == suite["seeds"][0]]:  # seeds differ only in train.seed
+            cfg = load_config(None, c["config"] + [f"train.output_dir={tmp_path / 'x'}"])
+            assert cfg.train.seed == c["seed"] and cfg.data.k_shot == c["k"] and cfg.train.lr == METHODS[c["method"]]["lr"]
+    small = load_suite("small")
+    assert {"peft_lora", "peft_prompt", "dsxfer_lora"} <= set(small["methods"]) and len(small["methods"]) >= 4
+    assert small["k"] == [0, 32] and len(small["seeds"]) == 3 and all(ev["max_examples"] >= 300 for ev in small["eval"].values())
+    assert set(load_suite("full")["methods"]) == set(METHODS)
+    done = run_grid("small", tmp_path / "out", dry_run=True, quiet=True)
+    assert len(done["cells"]) == 24 and not (tmp_path / "out").exists()
+
+
+def test_a_results_folder_in_use_by_another_grid_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "res"
+    out.mkdir()
+    with open(out / ".reproduce.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 (started 2026-12-01 10:00:00)")
+        held.flush()
+        r = subprocess.run([*CLI, "reproduce", "--suite", "tiny", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                           env=_env(), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"dsxfer: error: reproduce: results folder {out} is in use by pid 4242 (started 2026-12-01 10:00:00): "
+                                "wait for that grid to end, or choose another --out")
+    assert not (out / "grid.json").exists() and not (out / "tiny-model").exists()
