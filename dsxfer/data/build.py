@@ -10,6 +10,7 @@ induction) and imports nothing of dsxfer.method or dsxfer.training. Every count 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from dsxfer.data.qa import collate_pairs, featurize_pairs, featurize_qa, pad_token_id, right_pad
-from dsxfer.data.readers import skip_report
+from dsxfer.data.readers import format_skip_report, skip_report
 from dsxfer.errors import ConfigError, DsxferError
 
 
@@ -39,6 +40,29 @@ class TrainData:
     notes: list[str] = field(default_factory=list)         # what data assembly derived or dropped, for train.log
     skipped: list[dict[str, Any]] = field(default_factory=list)  # bad records left out: reason, count, example
     dev_examples: list = field(default_factory=list)       # the held-out source dev set (dev_eval scores it)
+
+    def skipped_line(self) -> str | None:
+        """The train.log line for the bad records data assembly left out (data.on_error=skip), if any."""
+        if not self.skipped:
+            return None
+        return (f"skipped {sum(g['count'] for g in self.skipped)} bad record(s) (data.on_error=skip): "
+                f"{format_skip_report(self.skipped)}")
+
+
+def write_data_record(cfg, out_dir: Path, used: dict[str, Any]) -> None:
+    """The rows a run drew and held out, next to its weights: `dsxfer eval --run_dir` never scores them.
+
+    shots.json (the k shots), source_dev_ids.json, test_rows.json (rows of a task split at training time:
+    the evaluation uses these only) and train_rows.json (the source rows trained on: left out of the same
+    task's evaluation). Raises OSError as the disk does.
+    """
+    from dsxfer.data.sampling import save_shots
+
+    save_shots(out_dir / "shots.json", used["shots"], task=cfg.data.shot_task, k=cfg.data.k_shot, seed=cfg.train.seed)
+    (out_dir / "source_dev_ids.json").write_text(json.dumps(used["source_dev_ids"]))
+    if used["test_rows"]:
+        (out_dir / "test_rows.json").write_text(json.dumps(used["test_rows"]))
+    (out_dir / "train_rows.json").write_text(json.dumps(used["train_rows"]))
 
 
 def stable_pair_id(text_id: str) -> int:

@@ -1,15 +1,13 @@
 """Training: one readable loop, top to bottom.
 
-    train(cfg):  process group + ds-config -> run folder -> model (ZeRO-3: partitioned while it loads)
-                 -> data (dsxfer.data.build) -> run_training
-    run_training(cfg, model, data):  engine + resume (setup) -> for each micro-batch:
-                 task batch (+ an alignment batch every `alignment.every` micro-batches) -> forward -> NaN/Inf
-                 guard -> backward -> step at the accumulation boundary -> log / evaluate on the SOURCE dev
-                 set / checkpoint
+    train(cfg): process group + ds-config -> run folder -> model (ZeRO-3: partitioned while it loads) -> data
+    run_training(cfg, model, data): engine + resume -> for each micro-batch: task batch (+ an alignment batch
+        every `alignment.every` micro-batches) -> forward -> NaN/Inf guard -> backward -> step at the
+        accumulation boundary -> log / evaluate on the SOURCE dev set / checkpoint
 
-`run_training` takes ready-made data (`TrainData`), so tests call it with their own batches. Early stopping
-only ever looks at the source-language dev set (TyDi QA English dev for QA), never at target-language test
-data. The run's position is a `TrainState`, exactly what a checkpoint saves.
+`run_training` takes ready-made data (`TrainData`; tests pass their own). Early stopping only ever looks at
+the source-language dev set, never at target-language test data. The run's position is a `TrainState`,
+exactly what a checkpoint saves.
 """
 
 from __future__ import annotations
@@ -21,8 +19,7 @@ from typing import Any
 
 import torch
 
-from dsxfer.data.build import Batches, TrainData, build_train_data  # noqa: F401  (Batches: what TrainData holds)
-from dsxfer.data.readers import format_skip_report
+from dsxfer.data.build import Batches, TrainData, build_train_data, write_data_record  # noqa: F401  (Batches: what TrainData holds)
 from dsxfer.data.sampling import DataOrder
 from dsxfer.errors import ConfigError, DsxferError
 from dsxfer.method import trainable
@@ -72,7 +69,10 @@ def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
         if data.dev_examples:
             data.dev_eval = source_dev_evaluator(cfg, model.tokenizer, data.dev_examples, reserved_tokens=model.num_virtual_tokens)
         if rank0:
-            _write_data_record(cfg, out_dir, used)
+            try:
+                write_data_record(cfg, out_dir, used)
+            except OSError as e:
+                raise runfolder.output_error(out_dir, e, "write") from None
         summary = run_training(cfg, model, data, quiet=quiet, ds=ds)
     summary.update({k: v for k, v in used.items() if k not in ("shots", "source_dev_ids", "test_rows", "train_rows", "skipped_records")},
                    rank=eng.rank())
@@ -272,27 +272,11 @@ def _log_header(run: Run, log: Log, ds: dict[str, Any], resumed_from: Path | Non
     for note in data.notes:
         log.line(note)
     if data.skipped:
-        log.line(f"skipped {sum(g['count'] for g in data.skipped)} bad record(s) (data.on_error=skip): "
-                 f"{format_skip_report(data.skipped)}")
+        log.line(data.skipped_line())
     log.line(f"world size {run.world} (rank {run.rank}), ZeRO-{eng.zero_stage(ds)}, precision {cfg.deepspeed.precision}, "
              f"micro batch {t.micro_batch_size} x accumulation {t.grad_accum}; "
              f"MFU counts 4 x {log.mfu_params:,} non-embedding backbone params x tokens against a nominal "
              f"{log.peak_flops / 1e12:.2f} TFLOP/s")
-
-
-def _write_data_record(cfg, out_dir: Path, used: dict[str, Any]) -> None:
-    """Rank 0: the rows the run drew and held out, for `dsxfer eval --run_dir` (it never scores them)."""
-    from dsxfer.data.sampling import save_shots
-
-    try:
-        save_shots(out_dir / "shots.json", used["shots"], task=cfg.data.shot_task, k=cfg.data.k_shot, seed=cfg.train.seed)
-        (out_dir / "source_dev_ids.json").write_text(json.dumps(used["source_dev_ids"]))
-        if used["test_rows"]:  # rows the run never trained on: `dsxfer eval --run_dir` evaluates on these only
-            (out_dir / "test_rows.json").write_text(json.dumps(used["test_rows"]))
-        # the source rows it trained on: `dsxfer eval --run_dir` leaves them out of the same task's evaluation
-        (out_dir / "train_rows.json").write_text(json.dumps(used["train_rows"]))
-    except OSError as e:
-        raise runfolder.output_error(out_dir, e, "write") from None
 
 
 def _to(batch: dict, device: torch.device) -> dict:
