@@ -48,6 +48,8 @@ class Run:
     out_dir: Path
     rank: int
     world: int
+    ds: dict[str, Any]               # the DeepSpeed config the engine runs
+    resumed_from: Path | None        # the checkpoint the run continues, or None for a fresh run
 
 
 def train(cfg, *, quiet: bool = False) -> dict[str, Any]:
@@ -95,13 +97,12 @@ def run_training(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool = 
     out_dir = Path(cfg.train.output_dir)
     with runfolder.hold(out_dir, overwrite=cfg.train.overwrite, resume=cfg.train.resume, log=print if eng.rank() == 0 else _quiet):
         try:
-            run, resumed_from = _setup(cfg, model, data, ds)
-            return _loop(run, ds, resumed_from, quiet=quiet)
+            return _loop(_setup(cfg, model, data, ds), quiet=quiet)
         except OSError as e:
             raise runfolder.output_error(out_dir, e, "write") from None
 
 
-def _setup(cfg, model, data: TrainData, ds: dict[str, Any]) -> tuple[Run, Path | None]:
+def _setup(cfg, model, data: TrainData, ds: dict[str, Any]) -> Run:
     """Checks that need no engine, the resume point (before the engine: fail fast), the engine, the state."""
     if getattr(model, "unfreezer", None) is not None and eng.zero_stage(ds) != 0:
         raise ConfigError("freezing.strategy=gradual grows the trainable set during training, which ZeRO 1-3 cannot do; "
@@ -121,10 +122,10 @@ def _setup(cfg, model, data: TrainData, ds: dict[str, Any]) -> tuple[Run, Path |
     task_order = DataOrder(data.task.n, t.seed, state.task_pos) if data.task else None
     align_on = data.align is not None and cfg.alignment.enabled
     align_order = DataOrder(data.align.n, t.seed + 1, state.align_pos) if align_on else None
-    return Run(cfg, engine, data, state, task_order, align_order, out_dir, rank, eng.world_size()), resume_from
+    return Run(cfg, engine, data, state, task_order, align_order, out_dir, rank, eng.world_size(), ds, resume_from)
 
 
-def _loop(run: Run, ds: dict[str, Any], resumed_from: Path | None, *, quiet: bool) -> dict[str, Any]:
+def _loop(run: Run, *, quiet: bool) -> dict[str, Any]:
     cfg, t, engine, data, state = run.cfg, run.cfg.train, run.engine, run.data, run.state
     module, device, unfreezer = engine.module, engine.device, getattr(engine.module, "unfreezer", None)
     log = Log(run.out_dir, run.rank == 0, t.tensorboard, progress=None if quiet else (state.step, t.max_steps),
@@ -132,7 +133,7 @@ def _loop(run: Run, ds: dict[str, Any], resumed_from: Path | None, *, quiet: boo
     probes = lambda: {lang: module.alignment_cosine(_to(probe, device)) for lang, probe in data.align_probes.items()}
     stopped, grad_norm = "max_steps", None
     try:
-        _log_header(run, log, ds, resumed_from)
+        _log_header(run, log)
         engine.train()
         while state.step < t.max_steps:
             # --- one micro-batch: task examples, plus parallel pairs every `alignment.every` micro-batches
@@ -261,11 +262,11 @@ def _bad_step(run: Run, log: Log, at: int, what: str, many: str) -> None:
                                f"(train.max_bad_steps={limit}); {_last_good(run.out_dir)}; lower train.lr or check the data")
 
 
-def _log_header(run: Run, log: Log, ds: dict[str, Any], resumed_from: Path | None) -> None:
+def _log_header(run: Run, log: Log) -> None:
     """The top of train.log: where the run starts, warnings, the config, what data assembly derived, the setup."""
     cfg, t, data = run.cfg, run.cfg.train, run.data
-    if resumed_from is not None:
-        log.line(f"resumed from {resumed_from} at step {run.state.step}")
+    if run.resumed_from is not None:
+        log.line(f"resumed from {run.resumed_from} at step {run.state.step}")
     for warning in budget_warnings(cfg):
         log.line(warning)
     log.config_text(cfg.to_yaml())
@@ -273,7 +274,7 @@ def _log_header(run: Run, log: Log, ds: dict[str, Any], resumed_from: Path | Non
         log.line(note)
     if data.skipped:
         log.line(data.skipped_line())
-    log.line(f"world size {run.world} (rank {run.rank}), ZeRO-{eng.zero_stage(ds)}, precision {cfg.deepspeed.precision}, "
+    log.line(f"world size {run.world} (rank {run.rank}), ZeRO-{eng.zero_stage(run.ds)}, precision {cfg.deepspeed.precision}, "
              f"micro batch {t.micro_batch_size} x accumulation {t.grad_accum}; "
              f"MFU counts 4 x {log.mfu_params:,} non-embedding backbone params x tokens against a nominal "
              f"{log.peak_flops / 1e12:.2f} TFLOP/s")
