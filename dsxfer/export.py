@@ -247,12 +247,14 @@ def export_model(model, out: Path, config_yaml: str) -> list[str]:
     """Write every export of an in-memory TransferModel; returns one line per output or skipped mapping."""
     from safetensors.torch import save_file
 
+    from dsxfer.method import trainable
+
     out.mkdir(parents=True, exist_ok=True)
     lines = []
-    state = model.trainable_state_dict()
-    save_file(state, str(out / "trainable.safetensors"))
+    state = trainable.gather(model)
+    weights = trainable.write(state, out / trainable.TRAINABLE_FILE)
     (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    lines.append(f"wrote {out / 'trainable.safetensors'} ({len(state)} tensors) and {out / 'config.yaml'} (dsxfer.method.model.load_trained)")
+    lines.append(f"wrote {weights} ({len(state)} tensors) and {out / 'config.yaml'} (dsxfer.method.model.load_trained)")
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     if head:
         save_file(head, str(out / "head.safetensors"))
@@ -295,7 +297,9 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None) -> lis
     model = load_trained(run)
     out = Path(output_dir) if output_dir else run / "export"
     lines = export_model(model, out, (run / CONFIG_FILE).read_text(encoding="utf-8"))
-    for extra in ("shots.json", "test_rows.json", "soft_prompt.safetensors"):  # what dsxfer eval --run_dir reads
+    from dsxfer.method.trainable import PROMPT_FILE
+
+    for extra in ("shots.json", "test_rows.json", PROMPT_FILE):  # what dsxfer eval --run_dir reads
         if (run / extra).is_file():
             shutil.copy2(run / extra, out / extra)
     (out / "export.json").write_text(json.dumps({"run_dir": str(run), "outputs": lines}, indent=1))

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from dsxfer.training import checkpoint as ckpt
 from dsxfer.training import engine as eng
-from dsxfer.training.train import TrainData, run_training
+from dsxfer.data.build import TrainData
+from dsxfer.training.train import run_training
 from tiny import ds_json, qa_data, tiny_cfg, tiny_model
 
 
@@ -30,7 +31,9 @@ def test_zero3_checkpoint_holds_trained_values(tmp_path):
     run_training(cfg, model, TrainData(task=qa_data()), quiet=True)
     # the live parameters are partitioned: locally they hold nothing
     assert model.head.span.weight.numel() == 0
-    live = eng.gathered_trainable_state(model)
+    from dsxfer.method import trainable
+
+    live = trainable.gather(model)
     paths = ckpt.complete_checkpoints(tmp_path / "run")
     assert [p.name for p in paths] == ["step-00000003", "step-00000006"]
     for path in paths:

@@ -23,7 +23,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 from tiny import align_data, ds_json, qa_data, tiny_cfg, tiny_model
 from dsxfer.training import engine as eng
-from dsxfer.training.train import TrainData, run_training
+from dsxfer.data.build import TrainData
+from dsxfer.training.train import run_training
 out = Path({out!r})
 raw = ds_json(3)
 raw["zero_optimization"]["stage3_param_persistence_threshold"] = 0

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from dsxfer.training import engine as eng
 from dsxfer.export import TOLERANCE, export_model, export_run
 from dsxfer.method.model import load_trained
-from dsxfer.training.train import TrainData, run_training
+from dsxfer.data.build import TrainData
+from dsxfer.training.train import run_training
 from tiny import config, ds_json, save_tiny_folder, tiny_backbone_and_tokenizer, tiny_cfg
 
 
@@ -33,7 +34,7 @@ def _qa_batches(tokenizer, n=16):
     def make(idx):
         idx = torch.tensor(idx)
         return {"input_ids": ids[idx], "attention_mask": mask[idx], "start_positions": starts[idx], "end_positions": starts[idx] + 1}
-    from dsxfer.training.train import Batches
+    from dsxfer.data.build import Batches
     return Batches(n, make), ids[:4], mask[:4]
 
 

@@ -24,7 +24,8 @@ from dsxfer.training import checkpoint as ckpt
 from dsxfer.data.readers import read_jsonl, read_parallel, read_pawsx_tsv, read_squad_json
 from dsxfer.errors import DataError
 from dsxfer.training.runfolder import RunFolderError
-from dsxfer.training.train import TrainData, TrainingDiverged, run_training
+from dsxfer.data.build import TrainData
+from dsxfer.training.train import TrainingDiverged, run_training
 from launch import launch_env
 from tiny import align_data, ds_json, qa_data, tiny_cfg, tiny_model
 

@@ -233,7 +233,8 @@ def test_classification_chart_without_label_counts_draws_chance(tmp_path):
 def test_training_curves_from_a_real_runs_tensorboard_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dsxfer.training.train import TrainData, run_training
+    from dsxfer.data.build import TrainData
+    from dsxfer.training.train import run_training
     from tiny import align_data, qa_data, tiny_cfg, tiny_model
 
     align, probes = align_data()

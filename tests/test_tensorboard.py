@@ -6,7 +6,8 @@ import math
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dsxfer.training.train import TrainData, run_training
+from dsxfer.data.build import TrainData
+from dsxfer.training.train import run_training
 from tiny import align_data, qa_data, tiny_cfg, tiny_model, tiny_train_run
 
 EXPECTED = {

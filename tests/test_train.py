@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from dsxfer.training import checkpoint as ckpt
-from dsxfer.training.train import DataOrder, TrainData, TrainingDiverged, run_training
+from dsxfer.data.sampling import DataOrder
+from dsxfer.data.build import TrainData
+from dsxfer.training.train import TrainingDiverged, run_training
 from tiny import align_data, qa_data, tiny_cfg, tiny_model, tiny_train_run
 
 
@@ -141,7 +143,7 @@ def test_train_log_states_derived_counts_budget_warnings_and_missing_probes(tiny
 
 def test_budget_warnings_say_what_lr_and_lambda_reach(tmp_path):
     from dsxfer.training import engine as eng
-    from dsxfer.training.train import budget_warnings
+    from dsxfer.method.schedule import budget_warnings
 
     cfg = tiny_cfg(tmp_path, alignment={"enabled": True, "warmup_steps": 10, "weight": 0.5},
                    train={"max_steps": 5, "warmup_steps": 5})

@@ -6,7 +6,7 @@ import torch
 
 from dsxfer.config import config_from_dict
 from dsxfer.method.model import TransferModel
-from dsxfer.training.train import build_train_data
+from dsxfer.data.build import build_train_data
 from tiny import tiny_backbone_and_tokenizer
 
 

@@ -324,7 +324,7 @@ def tiny_model(cfg, ds: dict | None = None):
 
 def qa_data(n: int = 32, seed: int = 0):
     """A learnable span task: the answer starts at the marker token and ends one token later."""
-    from dsxfer.training.train import Batches
+    from dsxfer.data.build import Batches
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(8, VOCAB, (n, SEQ), generator=g)
@@ -344,7 +344,7 @@ def qa_data(n: int = 32, seed: int = 0):
 
 def align_data(n: int = 24, seed: int = 1):
     """(pair batches, probe batches per language): the target side is the source shifted by 3 ids."""
-    from dsxfer.training.train import Batches
+    from dsxfer.data.build import Batches
 
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(8, VOCAB, (n, 8), generator=g)

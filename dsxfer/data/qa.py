@@ -41,6 +41,17 @@ def _check_fast(tokenizer: Any) -> None:
         raise DataError(f"QA featurization needs a fast (Rust) tokenizer with offset mapping; got {type(tokenizer).__name__}; load it with use_fast=True")
 
 
+def right_pad(rows: Sequence[Sequence[int]], value: int):
+    """(len(rows), longest row) long tensor: each row's values first, then `value` (the one padding routine:
+    task features, sentence pairs and parallel pairs all pad on the right)."""
+    import torch
+
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
 @dataclass
 class QAFeatures:
     """Windows of QA examples; per-feature lists, not padded (see `collate`)."""
@@ -78,17 +89,10 @@ class QAFeatures:
         """Right-padded torch tensors for the features at indices (the model's task keys)."""
         import torch
 
-        width = max(len(self.input_ids[i]) for i in indices)
-
-        def padded(rows: list[list[int]], value: int):
-            out = torch.full((len(indices), width), value, dtype=torch.long)
-            for r, i in enumerate(indices):
-                out[r, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-            return out
-
-        batch = {"input_ids": padded(self.input_ids, pad_id), "attention_mask": padded(self.attention_mask, 0)}
+        rows = lambda column: [column[i] for i in indices]
+        batch = {"input_ids": right_pad(rows(self.input_ids), pad_id), "attention_mask": right_pad(rows(self.attention_mask), 0)}
         if self.token_type_ids is not None:
-            batch["token_type_ids"] = padded(self.token_type_ids, 0)
+            batch["token_type_ids"] = right_pad(rows(self.token_type_ids), 0)
         if with_labels:
             if not self.start_positions:
                 raise DataError("these QA features were made without labels; featurize with with_labels=True for training")
@@ -379,15 +383,8 @@ def collate_pairs(features: dict[str, list], indices: Sequence[int], pad_id: int
     """Right-padded tensors of the pair features at indices."""
     import torch
 
-    width = max(len(features["input_ids"][i]) for i in indices)
-    batch = {}
-    for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
-        if key not in features:
-            continue
-        t = torch.full((len(indices), width), value, dtype=torch.long)
-        for r, i in enumerate(indices):
-            t[r, : len(features[key][i])] = torch.tensor(features[key][i], dtype=torch.long)
-        batch[key] = t
+    batch = {key: right_pad([features[key][i] for i in indices], value)
+             for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)) if key in features}
     if with_labels:
         batch["labels"] = torch.tensor([features["labels"][i] for i in indices], dtype=torch.long)
     return batch

@@ -1,4 +1,5 @@
-"""k-shot sampling: seeded, reproducible, class-balanced for classification, per language.
+"""k-shot sampling (seeded, reproducible, class-balanced for classification, per language) and the
+training order of items (DataOrder).
 
 The sampled ids are written with the run (shots.json) so that an evaluation can prove it never
 scores a shot, and a rerun can reuse exactly the same shots.
@@ -74,3 +75,30 @@ def load_shots(path: str | Path) -> dict[str, Any]:
         if not isinstance(doc.get(key), kind):
             raise DataError(f"{p}: field '{key}' is missing or not {kind.__name__}; the shots file must come from save_shots")
     return doc
+
+
+class DataOrder:
+    """An endless, seeded stream of item indices: epoch e is a permutation drawn from seed + e.
+
+    The whole state is one position, so a resumed run continues exactly where the saved one was.
+    Each rank takes its own slice of every global batch.
+    """
+
+    def __init__(self, n: int, seed: int, pos: int = 0):
+        self.n, self.seed, self.pos = n, seed, pos
+        self._epoch, self._perm = -1, None
+
+    def _index(self, p: int) -> int:
+        epoch = p // self.n
+        if epoch != self._epoch:
+            import torch
+
+            g = torch.Generator().manual_seed(self.seed + 1_000_003 * epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[p % self.n]
+
+    def next(self, per_rank: int, rank: int, world: int) -> list[int]:
+        start = self.pos + rank * per_rank
+        out = [self._index(p) for p in range(start, start + per_rank)]
+        self.pos += per_rank * world
+        return out

@@ -163,15 +163,37 @@ def hf_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
 
 
 def transfer_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
-    """predict(batch) for a TransferModel (forward(batch) -> dict with start/end logits or logits)."""
+    """predict(batch) for a TransferModel (forward(batch) -> dict with start/end logits or logits); the batch
+    goes to the device the model's parameters are on (a DeepSpeed engine's module on GPU, or the CPU)."""
     import torch
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     @torch.no_grad()
     def predict(batch: dict):
-        out = model(batch)
+        out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         return (out["start_logits"], out["end_logits"]) if task == "qa" else out["logits"]
 
     return predict
+
+
+def source_dev_evaluator(cfg, tokenizer: Any, examples: Sequence[Any], *, reserved_tokens: int) -> Callable[[Any], dict[str, float]]:
+    """evaluate(model) -> the scores of the held-out source-language dev set ({exact_match, f1} for QA,
+    {accuracy, majority_accuracy} for classification): what training's early stopping watches."""
+    task, m = cfg.model.task, cfg.model
+
+    def evaluate(model) -> dict[str, float]:
+        predict = transfer_predictor(model, task)
+        if task == "qa":
+            _, scores = evaluate_qa(predict, tokenizer, examples, lang=cfg.data.source_lang, max_length=m.max_length,
+                                    doc_stride=m.doc_stride, reserved_tokens=reserved_tokens,
+                                    batch_size=cfg.eval.batch_size, progress=False)
+        else:
+            _, scores = evaluate_classification(predict, tokenizer, examples, lang=cfg.data.source_lang, max_length=m.max_length,
+                                                reserved_tokens=reserved_tokens, batch_size=cfg.eval.batch_size, progress=False)
+        return scores
+
+    return evaluate
 
 
 @dataclass
@@ -469,7 +491,8 @@ def _file_sets(files: Sequence[tuple[str, str]], task: str | None, kind: str | N
 def _run_kind(run_dir: str) -> tuple[str, int]:
     """(model.task, model.num_labels) of a trained run, read from its config before any model is built."""
     from dsxfer.config import load_config
-    from dsxfer.method.model import CONFIG_FILE, TRAINABLE_FILE
+    from dsxfer.method.model import CONFIG_FILE
+    from dsxfer.method.trainable import TRAINABLE_FILE
 
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file() or not (run / TRAINABLE_FILE).is_file():

@@ -27,13 +27,13 @@ Pooled cosine/mse/infonce go through dsxfer.kernels.alignment_loss (fused on GPU
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from dsxfer.errors import ConfigError, DataError
+from dsxfer.method.schedule import DECAYS, warmup_then_decay
 
 LOSSES = ("cosine", "mse", "infonce", "kl")
 LEVELS = ("pooled", "token")
@@ -97,17 +97,14 @@ def alignment_loss(hidden: torch.Tensor, mask: torch.Tensor, teacher: torch.Tens
 
 def alignment_weight(step: int, *, weight: float, warmup_steps: int = 0, decay: str = "none",
                      total_steps: int | None = None) -> float:
-    """lambda(step): linear warm-up from 0 to `weight`, then constant, or linear/cosine decay to 0 at total_steps."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return weight * step / warmup_steps
-    if decay == "none" or not total_steps or total_steps <= warmup_steps:
-        return weight
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    if decay == "linear":
-        return weight * (1.0 - progress)
-    if decay == "cosine":
-        return weight * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ConfigError(f"config value alignment.decay={decay!r} is invalid: expected none, linear or cosine")
+    """lambda(step): linear warm-up from 0 to `weight`, then constant, or linear/cosine decay to 0 at total_steps.
+
+    `dsxfer.method.schedule.warmup_then_decay` with offset 0: `step` optimizer steps are done, so the first
+    step's lambda is exactly 0 (the module docstring there says why the learning rate counts from 1).
+    """
+    if decay not in DECAYS:
+        raise ConfigError(f"config value alignment.decay={decay!r} is invalid: expected none, linear or cosine")
+    return warmup_then_decay(step, peak=weight, warmup_steps=warmup_steps, total_steps=total_steps, decay=decay, offset=0)
 
 
 class TeacherCache:
@@ -134,9 +131,8 @@ class TeacherCache:
     @property
     def path(self) -> Path | None:
         """This rank's cache file."""
-        from dsxfer.training import engine as eng
-
-        return self.dir / f"teacher-{self.key}.rank{eng.rank()}.safetensors" if self.dir is not None else None
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return self.dir / f"teacher-{self.key}.rank{rank}.safetensors" if self.dir is not None else None
 
     def _load(self, path: Path) -> None:
         from safetensors.torch import load_file

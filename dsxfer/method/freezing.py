@@ -15,7 +15,7 @@ Gradual unfreezing and the optimizer: `GradualUnfreezer.step(step)` flips requir
 the names it just unfroze. The engine must then make the optimizer see them:
   * a plain torch optimizer or DeepSpeed ZeRO-0 client optimizer: `optimizer.add_param_group({"params": new})`;
   * ZeRO-1/2/3 flatten and partition the trainable set at initialisation and cannot grow it: save the
-    trainable state (TransferModel.trainable_state_dict), rebuild the engine over the new trainable set,
+    trainable state (dsxfer.method.trainable.gather), rebuild the engine over the new trainable set,
     and load it back. Unfreezing events are rare (every `unfreeze_every` steps), so this costs little.
 """
 

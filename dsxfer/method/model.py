@@ -12,12 +12,11 @@ loss = task_loss + lambda(step) * align_loss + preservation_weight * preserve_lo
 the alignment schedule (call `set_step` once per optimizer step).
 
 Run folder contract (shared with training and evaluation): <run_dir>/config.yaml (the resolved
-ExperimentConfig) and <run_dir>/trainable.safetensors (`trainable_state_dict()`).
+ExperimentConfig) and <run_dir>/trainable.safetensors (dsxfer.method.trainable).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsxfer.method import alignment as align
+from dsxfer.method import trainable
+from dsxfer.method.trainable import PROMPT_FILE, TRAINABLE_FILE  # noqa: F401  (the run folder's file names)
 from dsxfer.config import ExperimentConfig
 from dsxfer.errors import ConfigError, DataError
 from dsxfer.method.freezing import GradualUnfreezer, freeze_backbone, trainable_summary
@@ -35,8 +36,6 @@ from dsxfer.method.prompts import (ComposedPrompt, PromptInjection, SoftPrompt, 
                             use_prefix_attention, vocabulary_init)
 
 CONFIG_FILE = "config.yaml"
-TRAINABLE_FILE = "trainable.safetensors"
-PROMPT_FILE = "soft_prompt.safetensors"
 
 _MASKED = -1e4  # finite "minus infinity" for KL over masked positions: exp() is 0 and differences stay finite
 
@@ -355,46 +354,13 @@ class TransferModel(nn.Module):
 
     # --- trainable state
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter with requires_grad (prompts, prefixes, head, adapters, unfrozen backbone parts)."""
-        out = {}
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                ctx = contextlib.nullcontext()
-                if hasattr(p, "ds_id"):
-                    import deepspeed
-
-                    ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=None)
-                with ctx:
-                    out[name] = p.detach().cpu().clone().contiguous()
-        return out
-
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "state dict") -> None:
-        params = dict(self.named_parameters())
-        unknown = [k for k in state if k not in params]
-        if unknown:
-            raise DataError(f"{source}: {len(unknown)} tensors do not belong to this model (first: {unknown[0]}); "
-                            "was it trained with another config or backbone?")
-        expected = {n for n, p in params.items() if p.requires_grad}
-        absent = sorted(expected - set(state))
-        if absent:
-            raise DataError(f"{source}: trainable tensor {absent[0]} is missing ({len(absent)} in all); the file is incomplete")
-        with torch.no_grad():
-            for name, value in state.items():
-                p = params[name]
-                if tuple(p.shape) != tuple(value.shape) and not hasattr(p, "ds_id"):
-                    raise DataError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the model expects {tuple(p.shape)}")
-                p.copy_(value.to(p.dtype))
+        """Values of the trainable tensors back into the model (dsxfer.method.trainable.load; DataError on a mismatch)."""
+        trainable.load(self, state, source=source)
 
     def save_trainable(self, run_dir: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(run_dir) / TRAINABLE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state_dict(), str(path))
-        if "trainable" in self.prompt.parts:  # the prompt alone, for composition in later runs
-            self.prompt.parts["trainable"].save(Path(run_dir) / PROMPT_FILE, run=self.cfg.name)
-        return path
+        """<run_dir>/trainable.safetensors and, with a trained prompt, soft_prompt.safetensors (dsxfer.method.trainable.save)."""
+        return trainable.save(self, run_dir, run_name=self.cfg.name)
 
     def summary(self) -> str:
         return trainable_summary(self)
@@ -428,8 +394,6 @@ def build_transfer_model(cfg: ExperimentConfig, *, tokenizer: Any = None) -> Tra
 
 def load_trained(run_dir: str | Path) -> TransferModel:
     """Rebuild a trained model from <run_dir>/config.yaml and <run_dir>/trainable.safetensors, in eval mode."""
-    from safetensors.torch import load_file
-
     from dsxfer.config import load_config
 
     run = Path(run_dir)
@@ -438,5 +402,5 @@ def load_trained(run_dir: str | Path) -> TransferModel:
         raise DataError(f"run folder {run} lacks {CONFIG_FILE} or {TRAINABLE_FILE}: give the output_dir of a finished training run")
     cfg = load_config(run / CONFIG_FILE)
     model = build_transfer_model(cfg)
-    model.load_trainable_state_dict(load_file(str(weights)), source=str(weights))
+    trainable.load(model, trainable.read(weights), source=str(weights))
     return model.eval()

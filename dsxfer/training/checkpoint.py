@@ -34,18 +34,20 @@ import pickle
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dsxfer.training import engine as eng
 from dsxfer.errors import DsxferError
+from dsxfer.method import trainable
+from dsxfer.method.trainable import TRAINABLE_FILE, NonFiniteError, check_finite  # noqa: F401  (checkpoint errors)
+from dsxfer.training import engine as eng
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
-TRAINABLE = "trainable.safetensors"
 DS_DIR = "ds"
 DS_TAG = "state"
 PREFIX = "step-"
@@ -55,16 +57,24 @@ class CheckpointError(DsxferError):
     """A checkpoint that cannot be used (missing, incomplete, corrupted or unsafe) or cannot be written."""
 
 
-class NonFiniteError(DsxferError):
-    """Trainable values that are NaN or infinite: never saved."""
+@dataclass
+class TrainState:
+    """The run's position: what the loop updates and exactly what a checkpoint's state.json holds."""
 
+    step: int = 0                       # optimizer steps done
+    task_pos: int = 0                   # DataOrder positions: a resumed run reads on where the saved one was
+    align_pos: int = 0
+    micro: int = 0                      # micro-batches drawn (pairs ride along every alignment.every of them)
+    bad_steps: int = 0                  # skipped micro-batches and DeepSpeed-skipped steps (train.max_bad_steps)
+    best_score: float | None = None     # early stopping on the source dev set
+    best_step: int | None = None
+    evals_without_improvement: int = 0
 
-def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise NonFiniteError naming the first tensor of `state` that holds a NaN or an infinity."""
-    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise NonFiniteError(f"{what}: {len(bad)} trainable tensor(s) hold NaN/Inf values (first: {bad[0]}); "
-                             "refusing to write them")
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "TrainState":
+        """From a state.json; keys this version does not know are ignored, missing ones keep their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -120,21 +130,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ save
 
 
-def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` (every rank calls this) and keep only the newest `keep_last`.
+def save(engine, output_dir: str | Path, state: TrainState, keep_last: int) -> Path:
+    """Write checkpoint `state.step` (every rank calls this) and keep only the newest `keep_last`.
 
     Raises NonFiniteError (nothing written) for NaN/Inf trainable values, and CheckpointError naming the
     last good checkpoint when the disk refuses a write (full, read-only, no permission).
     """
     from safetensors.torch import save_file
 
+    step = state.step
     root = checkpoint_dir(output_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     r = eng.rank()
-    trainable = eng.gathered_trainable_state(engine.module)  # every rank joins the ZeRO-3 gather
+    values = trainable.gather(engine.module)  # every rank joins the ZeRO-3 gather
     teacher = getattr(engine.module, "teacher_cache", None)
-    check_finite(trainable, f"checkpoint {final}")  # the same values on every rank: all raise alike
+    check_finite(values, f"checkpoint {final}")  # the same values on every rank: all raise alike
 
     def agreed(phase) -> None:
         """Run one phase of the write on every rank; if it failed anywhere, every rank stops with the cause."""
@@ -165,8 +176,8 @@ def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], keep_
         if teacher is not None and len(teacher):  # this rank's teacher vectors: a resume recomputes none of them
             save_file(teacher.state(), str(tmp / f"teacher-rank{r}.safetensors"))
         if r == 0:
-            save_file(trainable, str(tmp / TRAINABLE), metadata={"step": str(step)})
-            (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
+            trainable.write(values, tmp / TRAINABLE_FILE, metadata={"step": str(step)})
+            (tmp / STATE).write_text(json.dumps(asdict(state), indent=1))
 
     def publish() -> None:
         if r != 0:
@@ -266,8 +277,8 @@ def resolve_resume(output_dir: str | Path, resume: str | None, log=print) -> Pat
 # ------------------------------------------------------------------------------------ load
 
 
-def load(engine, path: str | Path) -> dict[str, Any]:
-    """Restore trainable parameters, optimizer, scheduler and this rank's RNG; return state.json."""
+def load(engine, path: str | Path) -> TrainState:
+    """Restore trainable parameters, optimizer, scheduler and this rank's RNG; return the saved TrainState."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -282,7 +293,7 @@ def load(engine, path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed could not read {DS_DIR}/{DS_TAG}; the checkpoint is corrupted")
     # the safetensors file is the authority for parameter values (DeepSpeed restores them from its
     # fp32 partitions under ZeRO 1-3, but not from excluded-frozen module states under ZeRO-0 alike)
-    eng.load_trainable_state(engine.module, load_file(str(path / TRAINABLE)))
+    trainable.load(engine.module, trainable.read(path / TRAINABLE_FILE), source=f"checkpoint {path}")
     r = eng.rank()
     teacher = getattr(engine.module, "teacher_cache", None)
     if teacher is not None and (path / f"teacher-rank{r}.safetensors").is_file():
@@ -290,7 +301,7 @@ def load(engine, path: str | Path) -> dict[str, Any]:
     rng_file = path / f"rng-rank{r}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
-    return json.loads((path / STATE).read_text())
+    return TrainState.from_json(json.loads((path / STATE).read_text()))
 
 
 def ds_safe_globals() -> list[type]:

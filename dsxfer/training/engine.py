@@ -1,4 +1,4 @@
-"""DeepSpeed engine: process environment, ds-config checks, initialisation, trainable-state access.
+"""DeepSpeed engine: process environment, ds-config checks, initialisation, optimizer-side checks.
 
 Only the trainable parameters (prompts, prefixes, head, adapters, unfrozen layers) go into a client
 `torch.optim.AdamW`; the frozen backbone is never seen by the optimizer, so it costs no optimizer
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,6 +23,8 @@ import torch
 from torch import nn
 
 from dsxfer.errors import ConfigError
+from dsxfer.method import trainable
+from dsxfer.method.schedule import warmup_then_decay
 
 # ------------------------------------------------------------------------------------ processes
 
@@ -193,27 +194,21 @@ def build_ds_config(cfg, world: int, ds: dict[str, Any] | None = None, source: s
 
 
 def lr_lambda(scheduler: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak LR at optimizer step `s`: linear warm-up, then linear/cosine/constant."""
+    """Multiplier of the peak LR at optimizer step `s`: linear warm-up, then linear/cosine/constant.
+
+    `dsxfer.method.schedule.warmup_then_decay` with offset 1: step 0 already applies lr / warmup_steps
+    (the module docstring there says why the alignment weight counts from 0 instead).
+    """
+    decay = {"constant": "none", "linear": "linear", "cosine": "cosine"}.get(scheduler)
+
     def f(s: int) -> float:
-        if warmup_steps > 0 and s < warmup_steps:
-            return (s + 1) / warmup_steps
-        if scheduler == "constant":
-            return 1.0
-        span = max(1, max_steps - warmup_steps)
-        progress = min(1.0, (s - warmup_steps) / span)
-        if scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        raise ConfigError(f"config value train.scheduler={scheduler!r} is invalid: use linear, cosine or constant")
+        if decay is None:
+            raise ConfigError(f"config value train.scheduler={scheduler!r} is invalid: use linear, cosine or constant")
+        return warmup_then_decay(s, peak=1.0, warmup_steps=warmup_steps, total_steps=max_steps, decay=decay, offset=1)
     return f
 
 
 # ------------------------------------------------------------------------------------ engine
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 @contextlib.contextmanager
@@ -249,7 +244,7 @@ def initialize(model: nn.Module, cfg, ds: dict[str, Any]):
     """
     import deepspeed
 
-    params = [p for _, p in trainable_parameters(model)]
+    params = [p for _, p in trainable.parameters(model)]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen (enable prompts.length, injection.length, adapters.lora or a freezing strategy)")
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -299,51 +294,15 @@ def add_trainable(engine, new_names: list[str]) -> bool:
     return True
 
 
-def _is_partitioned(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def gathered_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full-valued CPU copies of every trainable parameter, ZeRO-3 shards gathered (all ranks call it)."""
-    named = trainable_parameters(module)
-    partitioned = [p for _, p in named if _is_partitioned(p)]
-    if partitioned:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-            return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
-
-
 def trainable_is_finite(module: nn.Module) -> bool:
     """True when no trainable value is NaN/Inf on any rank: one all-reduce of a flag, no copies.
 
     Each rank looks at what it holds: the full parameters under ZeRO 0-2, its own shard under ZeRO-3.
     """
-    local = [getattr(p, "ds_tensor", p) for _, p in trainable_parameters(module)]
+    local = [getattr(p, "ds_tensor", p) for _, p in trainable.parameters(module)]
     flags = [torch.isfinite(t).all() for t in local if t.numel()]
     finite = bool(torch.stack(flags).all()) if flags else True  # one device sync
     return all_ranks_max(0.0 if finite else 1.0) == 0.0
-
-
-def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
-    """Copy values into the trainable parameters, writing through ZeRO-3 partitions (all ranks call it)."""
-    named = dict(trainable_parameters(module))
-    missing = sorted(set(named) - set(state))
-    if strict and missing:
-        raise ConfigError(f"trainable state lacks {len(missing)} parameters, e.g. {missing[0]}: it was saved from a different model or config")
-    targets = [(n, p) for n, p in named.items() if n in state]
-    partitioned = [p for _, p in targets if _is_partitioned(p)]
-    ctx = contextlib.nullcontext()
-    if partitioned:
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
-    with ctx, torch.no_grad():
-        for n, p in targets:
-            if tuple(p.shape) != tuple(state[n].shape):
-                raise ConfigError(f"trainable parameter {n} has shape {tuple(p.shape)} but the saved tensor has {tuple(state[n].shape)}")
-            p.copy_(state[n].to(p.dtype))
 
 
 def grad_norm_before_step(engine) -> float | None:
