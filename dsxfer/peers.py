@@ -21,7 +21,6 @@ bench/cpu_train.py times the same peers against dsxfer; both import the pieces f
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,43 +61,17 @@ def shift_positions(windows: Sequence[dict], n_virtual: int) -> list[dict]:
 
 
 def training_rows(cfg) -> dict[str, Any]:
-    """The rows `dsxfer train` trains a QA config on, derived the same way from the same fields and seed:
-    {"pool": source training examples, "dev": the held-out source dev examples, "shots": {lang: examples}}.
-
-    Source: data.train_task in data.source_lang (TyDi QA GoldP English train), a seeded hold-out of
-    data.dev_examples questions (at most a fifth) for the source dev set, then a seeded pool of
-    data.max_train_examples; shots: data.k_shot per data.target_langs from data.shot_task, never rows of an
-    evaluation set of that task. tests/test_reproduce.py checks these ids against the files a dsxfer run
-    wrote (train_rows.json, source_dev_ids.json, shots.json) for the same cell.
-    """
-    from dsxfer.data.sampling import sample_k_shot
-    from dsxfer.data.tasks import load_task, parse_langs
+    """The rows `dsxfer train` trains a QA config on, drawn by the same code (dsxfer.data.build.training_rows):
+    {"pool": source training examples, "dev": the held-out source dev examples, "shots": {lang: examples}}."""
+    from dsxfer.data.build import training_rows as dsxfer_rows
     from dsxfer.errors import ConfigError
 
-    d, seed = cfg.data, cfg.train.seed
+    d = cfg.data
     if cfg.model.task != "qa" or d.train_files or d.translate_train or d.codeswitch_prob > 0:
         raise ConfigError("peers train on a benchmark QA task's source rows and shots only (no train_files, translate-train or "
                           "code-switched pseudo data)")
-    split = "train" if d.train_task == "tydiqa" else None
-    items = list(load_task(d.train_task, d.source_lang, split, data_dir=d.data_dir, on_error=d.on_error))
-    ids = sorted({ex.id for ex in items})
-    n_dev = min(d.dev_examples, len(ids) // 5)
-    dev_ids = set(random.Random(f"{seed}:dev").sample(ids, n_dev)) if n_dev else set()
-    pool = [ex for ex in items if ex.id not in dev_ids]
-    dev = [ex for ex in items if ex.id in dev_ids]
-    if d.max_train_examples is not None and len(pool) > d.max_train_examples:
-        keep = set(random.Random(f"{seed}:train").sample(sorted(ex.id for ex in pool), d.max_train_examples))
-        pool = [ex for ex in pool if ex.id in keep]
-    shots: dict[str, list] = {}
-    if d.k_shot > 0:
-        banned: set[str] = set()
-        if d.shot_task in cfg.eval.tasks:  # shots are never rows of an evaluation set of the same task
-            for lang in parse_langs(d.shot_task, cfg.eval.langs if cfg.eval.langs == "all" else list(cfg.eval.langs)):
-                banned |= {ex.id for ex in load_task(d.shot_task, lang, data_dir=d.data_dir)}
-        for lang in d.target_langs:
-            shot_pool = list(load_task(d.shot_task, lang, data_dir=d.data_dir, on_error=d.on_error))
-            shots[lang] = sample_k_shot(shot_pool, d.k_shot, seed, lang=lang, exclude=sorted(banned))
-    return {"pool": pool, "dev": dev, "shots": shots}
+    rows = dsxfer_rows(cfg)
+    return {"pool": rows.pool, "dev": rows.dev, "shots": rows.shots}
 
 
 # ------------------------------------------------------------------------------------------ models

@@ -287,6 +287,31 @@ def _pair_batches(cfg, pairs_by_lang: dict[str, list], tokenizer, reserved: int)
     return align, probes, len(pairs) if a.enabled else 0
 
 
+@dataclass
+class TrainingRows:
+    """The examples a config trains on before featurization, and what decided them."""
+
+    pool: list                     # source training examples (minus the dev hold-out and any held-out test rows)
+    dev: list                      # the held-out source dev examples
+    shots: dict[str, list]         # target language -> its k shots
+    evals: dict[str, list]         # "task/lang" -> the evaluation rows the run is scored on (for the overlap check)
+    split_tasks: list[str]         # tasks both trained on and evaluated, split by row id
+    held_out: set[str]             # their test row ids
+    skipped: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def training_rows(cfg) -> TrainingRows:
+    """Source pool, source dev hold-out, row split and k shots, exactly as `build_train_data` draws them;
+    the PEFT peers of `dsxfer reproduce` train on these same rows."""
+    skipped: list = []
+    notes: list[str] = []
+    pool, dev = _source_examples(cfg, skipped, notes)
+    pool, dev, evals, split_tasks, held_out = _row_split(cfg, pool, dev, _eval_examples(cfg), notes)
+    shots = _k_shots(cfg, evals, skipped, notes)
+    return TrainingRows(pool, dev, shots, evals, split_tasks, held_out, skipped, notes)
+
+
 def build_train_data(cfg, model, tokenizer) -> tuple[TrainData, dict[str, Any]]:
     """Readers -> k-shot sampling -> overlap check -> featurization -> TrainData, and what was used.
 
@@ -299,11 +324,9 @@ def build_train_data(cfg, model, tokenizer) -> tuple[TrainData, dict[str, Any]]:
 
     d = cfg.data
     reserved = int(model.num_virtual_tokens)
-    skipped: list = []
-    notes: list[str] = []
-    pool, dev = _source_examples(cfg, skipped, notes)
-    pool, dev, evals, split_tasks, held_out = _row_split(cfg, pool, dev, _eval_examples(cfg), notes)
-    shots = _k_shots(cfg, evals, skipped, notes)
+    rows = training_rows(cfg)
+    pool, dev, shots, evals, skipped, notes = rows.pool, rows.dev, rows.shots, rows.evals, rows.skipped, rows.notes
+    split_tasks, held_out = rows.split_tasks, rows.held_out
     pairs_by_lang = _parallel_pairs(cfg, skipped, notes)
     # --- pseudo data: code-switched copies of source examples, translate-train files
     pseudo = pseudo_training_data(cfg, pool, backbone=model.backbone, tokenizer=tokenizer,
