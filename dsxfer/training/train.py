@@ -44,6 +44,7 @@ class Batches:
 
     n: int
     make: Callable[[list[int]], dict[str, torch.Tensor]]
+    lengths: list[int] | None = None  # real tokens per item: lets train.batching=length_grouped group them
 
 
 @dataclass
@@ -242,6 +243,10 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
     if rank == 0:
         (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     task_order = DataOrder(data.task.n, t_cfg.seed, state["task_pos"]) if data.task else None
+    if data.task is not None and data.task.lengths is not None and t_cfg.batching == "length_grouped":
+        from dsxfer.data.length_order import LengthGroupedOrder
+
+        task_order = LengthGroupedOrder(data.task.lengths, t_cfg.seed, state["task_pos"], global_batch=t_cfg.micro_batch_size * world)
     align_on = data.align is not None and cfg.alignment.enabled
     align_order = DataOrder(data.align.n, t_cfg.seed + 1, state["align_pos"]) if align_on else None
     teacher_cache = getattr(module, "teacher_cache", None)
@@ -253,8 +258,9 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
         bar = tqdm(total=t_cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     log = Log(out_dir, rank == 0, t_cfg.tensorboard, bar)
     try:
-        # embedding tables are looked up, not multiplied: like nanoGPT, MFU counts the other parameters
-        backbone_params = sum(_numel(p) for n, p in module.backbone.named_parameters() if "embed" not in n)
+        from dsxfer.training.mfu import model_flops_per_token
+
+        flops_per_token, flops_note = model_flops_per_token(module)  # what a step computes (cache, backward depth)
         peak = nominal_peak_flops()
         if resume_from is not None:
             log.line(f"resumed from {resume_from} at step {step}")
@@ -268,7 +274,9 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
                      f"{format_skip_report(data.skipped)}")
         log.line(f"world size {world} (rank {info['rank']}), ZeRO-{eng.zero_stage(ds)}, precision {cfg.deepspeed.precision}, "
                  f"micro batch {t_cfg.micro_batch_size} x accumulation {t_cfg.grad_accum}; "
-                 f"MFU counts 4 x {backbone_params:,} non-embedding backbone params x tokens against a nominal {peak / 1e12:.2f} TFLOP/s")
+                 f"{flops_note}, against a nominal {peak / 1e12:.2f} TFLOP/s")
+        log.line(getattr(module, "activation_cache_note", "activation cache: not used"))
+        activation_cache = getattr(module, "activation_cache", None)
 
         def checkpoint(step: int) -> Path:
             state["task_pos"] = task_order.pos if task_order else 0
@@ -276,6 +284,8 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
             path = ckpt.save(engine, out_dir, step, state, t_cfg.keep_last)
             if teacher_cache is not None:
                 teacher_cache.flush()
+            if activation_cache is not None:
+                activation_cache.flush()
             return path
 
         def bad_step(at: int, what: str, many: str) -> None:
@@ -368,7 +378,7 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
                     "grad_norm": grad_norm,
                     "throughput/samples_per_s": window["samples"] / elapsed,
                     "throughput/tokens_per_s": tokens_per_s,
-                    "throughput/mfu": 4.0 * backbone_params * tokens_per_s / peak,
+                    "throughput/mfu": flops_per_token * tokens_per_s / peak,
                     "memory/peak_mb": peak_memory_mb(),
                 })
                 for lang, probe in data.align_probes.items():
@@ -417,6 +427,9 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
             _save_trainable(module, out_dir, rank)
         if teacher_cache is not None:
             teacher_cache.flush()
+        if activation_cache is not None:
+            activation_cache.flush()
+            log.line(activation_cache.summary())
         log.hparams(step, cfg.to_dict(), {**final_losses, "final/best_source_dev": state["best_score"]})
         log.line(f"done: {stopped} at step {step}; trainable weights in {out_dir / 'trainable.safetensors'}, "
                  f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
@@ -658,13 +671,14 @@ def build_train_data(cfg, model, tokenizer) -> tuple[TrainData, dict[str, Any]]:
     if cfg.model.task == "qa":
         feats = featurize_qa(training, tokenizer, max_length=cfg.model.max_length, doc_stride=cfg.model.doc_stride,
                              reserved_tokens=reserved, with_labels=True)
-        task = Batches(len(feats), lambda idx: feats.batch(idx, pad, with_labels=True))
+        task = Batches(len(feats), lambda idx: feats.batch(idx, pad, with_labels=True), [len(r) for r in feats.input_ids])
         notes.append(f"task features: {task.n} windows from {len(training)} training examples (a context longer than "
                      f"model.max_length={cfg.model.max_length} minus {reserved} soft-prompt positions is split into "
                      f"overlapping windows, model.doc_stride={cfg.model.doc_stride})")
     else:
         pair_feats = featurize_pairs(training, tokenizer, max_length=cfg.model.max_length, reserved_tokens=reserved)
-        task = Batches(len(training), lambda idx: collate_pairs(pair_feats, idx, pad, with_labels=True))
+        task = Batches(len(training), lambda idx: collate_pairs(pair_feats, idx, pad, with_labels=True),
+                       [len(r) for r in pair_feats["input_ids"]])
         notes.append(f"task features: {task.n}, one per training example (sentence pairs are truncated to "
                      f"model.max_length={cfg.model.max_length} minus {reserved} soft-prompt positions)")
 
