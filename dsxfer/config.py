@@ -38,9 +38,9 @@ class ModelConfig:
     max_length: int = _f(256, "maximum tokens per feature, soft-prompt virtual tokens included", gt=0)
     doc_stride: int = _f(64, "overlap in tokens between windows of a long QA context", ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the frozen backbone weights")
-    activation_cache: Literal["auto", "off"] = _f(
+    activation_cache: Literal["auto", "disabled"] = _f(
         "auto", "auto: when the layers below the first trainable or prompted one are frozen (encoders), compute their output "
-                "once per input row and run only the layers above it per step; off: always run the whole backbone")
+                "once per input row and run only the layers above it per step; disabled: always run the whole backbone")
     activation_cache_dir: str | None = _f(None, "also keep the cached states in this folder (checksummed shards), re-used by later "
                                                 "runs and evaluations of the same backbone; None = memory only")
     activation_cache_max_mb: int = _f(2048, "memory the cached states may take; rows past it are recomputed per step", gt=0)

@@ -76,7 +76,7 @@ def torch_losses(cfg, steps: int = 6) -> tuple[list[float], object]:
 
 def test_cached_path_gives_the_uncached_losses_fp32(tmp_path):
     cached, model = torch_losses(method_cfg(tmp_path, "auto"))
-    plain, reference = torch_losses(method_cfg(tmp_path, "off"))
+    plain, reference = torch_losses(method_cfg(tmp_path, "disabled"))
     assert model.activation_cache is not None and model.activation_cache.start == 2
     assert reference.activation_cache is None
     # task windows and both sides of the pairs went through the cache, and later steps were served from it
@@ -86,7 +86,7 @@ def test_cached_path_gives_the_uncached_losses_fp32(tmp_path):
 
 
 def test_frozen_layers_below_the_first_open_one_run_without_dropout(tmp_path):
-    model = build(method_cfg(tmp_path, "off"))
+    model = build(method_cfg(tmp_path, "disabled"))
     model.train()
     assert model.first_open_layer == 2
     layers = model.backbone.encoder.layer
@@ -116,7 +116,7 @@ def test_cached_path_under_zero3_gives_the_uncached_losses(tmp_path):
         return losses, engine.module
 
     cached, module = run("auto")
-    plain, _ = run("off")
+    plain, _ = run("disabled")
     assert module.activation_cache.hits > 0
     assert all(abs(a - b) <= 1e-6 for a, b in zip(cached, plain)), (cached, plain)
 
@@ -150,7 +150,7 @@ def test_on_disk_cache_is_reused_and_a_bad_checksum_is_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"model": {"activation_cache": "off"}}, "activation cache: off (model.activation_cache=off)"),
+    ({"model": {"activation_cache": "disabled"}}, "activation cache: disabled (model.activation_cache=disabled)"),
     ({"prompts": {"length": 3, "init": "random"}}, "not used: nothing below layer 0 is fixed (an input-level soft prompt"),
     ({"adapters": {"lora": True}}, "not used: nothing below layer 0 is fixed (LoRA in layer 0"),
     ({"injection": {"layers": "all"}}, "not used: nothing below layer 0 is fixed (prefixes start at layer 0)"),
@@ -192,7 +192,7 @@ def test_cache_is_used_for_bert_and_serves_the_same_logits(tmp_path):
 
 
 def test_teacher_runs_under_inference_mode(tmp_path):
-    model = build(method_cfg(tmp_path, "off"))
+    model = build(method_cfg(tmp_path, "disabled"))
     seen = []
     handle = model.backbone.embeddings.register_forward_pre_hook(lambda *_: seen.append(torch.is_inference_mode_enabled()))
     try:

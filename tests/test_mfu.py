@@ -15,7 +15,7 @@ def test_flops_per_token_by_hand():
 
 def test_model_count_follows_the_cache_and_the_lowest_open_layer(tmp_path):
     cached = build(method_cfg(tmp_path, "auto"))   # prefixes in layers 2-3, layer 3 trainable, cache from layer 2
-    plain = build(method_cfg(tmp_path, "off"))
+    plain = build(method_cfg(tmp_path, "disabled"))
     layer = sum(p.numel() for p in cached.backbone.encoder.layer[0].parameters())
     head = sum(p.numel() for p in cached.head.parameters())
     with_cache, how = model_flops_per_token(cached)

@@ -104,8 +104,8 @@ class Plan:
 def plan(model: Any) -> Plan:
     """Whether `model` (a TransferModel) can run from cached states, from which layer, and why (not)."""
     cfg = model.cfg
-    if cfg.model.activation_cache == "off":
-        return Plan(None, "activation cache: off (model.activation_cache=off)")
+    if cfg.model.activation_cache == "disabled":
+        return Plan(None, "activation cache: disabled (model.activation_cache=disabled)")
     kind = type(model.backbone).__name__
     if model.decoder or _encoder_layers(model.backbone) is None:
         return Plan(None, f"activation cache: not used: {kind} is not an encoder with embeddings + encoder.layer "
