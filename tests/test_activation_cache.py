@@ -211,3 +211,14 @@ def test_train_log_says_the_cache_is_used_and_how_big_it_got(tmp_path):
     assert "activation cache: used: layers 0..1 of 4 are frozen and unprompted (prefixes start at layer 2)" in log
     assert "activation cache: 8 rows (" in log and "entering layer 2; 8 row lookups served, 8 computed" in log
     assert "forward through layers 2..3 + head, input gradients through layers 2..3 + head" in log
+
+
+def test_evaluation_of_a_trained_model_runs_under_inference_mode(tmp_path):
+    from dsxfer.evaluation.evaluate import transfer_predictor
+
+    model = build(method_cfg(tmp_path, "auto")).eval()
+    seen = []
+    model.backbone.encoder.layer[3].register_forward_pre_hook(lambda *_: seen.append(torch.is_inference_mode_enabled()))
+    batch = qa_data(n=4).make([0, 1, 2, 3])
+    start, _ = transfer_predictor(model)({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    assert seen == [True] and not start.requires_grad

@@ -179,10 +179,11 @@ def hf_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
 
 
 def transfer_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
-    """predict(batch) for a TransferModel (forward(batch) -> dict with start/end logits or logits)."""
+    """predict(batch) for a TransferModel (forward(batch) -> dict with start/end logits or logits), under
+    inference mode: evaluation never builds or keeps any autograd state."""
     import torch
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(batch: dict):
         out = model(batch)
         return (out["start_logits"], out["end_logits"]) if task == "qa" else out["logits"]
