@@ -25,6 +25,7 @@ import torch
 from dsxfer.training import checkpoint as ckpt
 from dsxfer.training import engine as eng
 from dsxfer.training import runfolder
+from dsxfer.training.memory import release_free_memory
 from dsxfer.data.readers import format_skip_report
 from dsxfer.errors import ConfigError, DsxferError
 
@@ -331,6 +332,7 @@ def _run(cfg, model: torch.nn.Module, data: TrainData, *, quiet: bool) -> dict[s
             skipped_before = getattr(engine, "skipped_steps", 0)
             engine.step()
             if boundary:
+                release_free_memory()  # glibc keeps freed activations of varying shapes; RSS stays flat (training.memory)
                 grad_norm = eng.global_grad_norm(engine, before)
                 if getattr(engine, "skipped_steps", 0) > skipped_before:  # ZeRO 1-3 refuse non-finite gradients themselves
                     bad_step(engine.global_steps, "non-finite gradients, DeepSpeed skipped the optimizer step, weights unchanged",
