@@ -11,9 +11,9 @@ SCRIPT = textwrap.dedent("""
     from dsxfer.training.memory import release_free_memory
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
     rng, kept, start = random.Random(0), [], None
-    for step in range(60):
+    for step in range(150):
         x = torch.randn(8, rng.randint(20, 192), 384)          # a batch padded to its own length
-        ys = [torch.relu(x @ torch.ones(384, 768)) for _ in range(3)]
+        ys = [torch.relu(x @ torch.ones(384, 1536)) for _ in range(4)]
         del x, ys
         kept.append(torch.ones(rng.randint(10, 500)))          # small long-lived tensors in between
         if sys.argv[1] == "release":
@@ -34,5 +34,5 @@ def grown_mb(mode: str) -> float:
 def test_releasing_free_memory_each_step_keeps_rss_flat_over_varying_shapes():
     assert release_free_memory()  # glibc: the allocator whose growth this bounds
     without, with_release = grown_mb("keep"), grown_mb("release")
-    assert without > 50, without  # the growth the training loop saw: freed activations stay in the heap
+    assert without > 100, without  # the growth the training loop saw: freed activations stay in the heap
     assert with_release < 0.2 * without, (with_release, without)
