@@ -207,10 +207,11 @@ class ActivationCache:
             return
         from safetensors.torch import save_file
 
-        from dsxfer.training import engine as eng
+        import torch.distributed as dist
 
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"shard-{os.getpid()}-r{eng.rank()}-{self._shards_written:04d}"
+        name = f"shard-{os.getpid()}-r{rank}-{self._shards_written:04d}"
         tmp = self.dir / f".{name}.tmp"
         save_file({k.hex(): v.contiguous() for k, v in self._pending.items()}, str(tmp),
                   metadata={"kind": "dsxfer-activation-cache", "model": self.model_id, "start_layer": str(self.start)})
