@@ -38,6 +38,12 @@ class ModelConfig:
     max_length: int = _f(256, "maximum tokens per feature, soft-prompt virtual tokens included", gt=0)
     doc_stride: int = _f(64, "overlap in tokens between windows of a long QA context", ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the frozen backbone weights")
+    activation_cache: Literal["auto", "disabled"] = _f(
+        "auto", "auto: when the layers below the first trainable or prompted one are frozen (encoders), compute their output "
+                "once per input row and run only the layers above it per step; disabled: always run the whole backbone")
+    activation_cache_dir: str | None = _f(None, "also keep the cached states in this folder (checksummed shards), re-used by later "
+                                                "runs and evaluations of the same backbone; None = memory only")
+    activation_cache_max_mb: int = _f(2048, "memory the cached states may take; rows past it are recomputed per step", gt=0)
 
 
 @dataclass
@@ -128,6 +134,8 @@ class TrainConfig:
     warmup_steps: int = _f(10, "learning-rate warm-up steps", ge=0)
     micro_batch_size: int = _f(8, "task examples per micro-batch per rank", gt=0)
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", gt=0)
+    batching: Literal["length_grouped", "random"] = _f(
+        "length_grouped", "task batch order: seeded random chunks sorted by length (little padding), or a plain seeded permutation")
     grad_clip: float = _f(1.0, "clip the gradient norm of trainable parameters (0 = off)", ge=0.0)
     eval_every: int = _f(0, "evaluate on the source-language dev set every this many steps (0 = only at the end)", ge=0)
     early_stopping_patience: int = _f(0, "stop after this many evaluations without improvement (0 = off)", ge=0)

@@ -34,3 +34,14 @@ def test_smoke_prints_training_and_evaluation_tables_with_ratios(tmp_path):
     # both runners trained in their own process and left their run folders
     assert (tmp_path / "run-dsxfer-lora" / "train.log").is_file()
     assert (tmp_path / "lora-peer-0.json").is_file()
+
+
+def test_profile_of_one_step_prints_the_split_and_the_operators():
+    script = SCRIPT.parent / "profile_step.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--method", "prefix_topk_cached"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "method prefix_topk_cached" in proc.stdout
+    for part in ("forward", "backward", "optimizer"):
+        assert re.search(rf"^  {part} +[0-9.]+ s$", proc.stdout, re.M), part
+    assert "Self CPU" in proc.stdout

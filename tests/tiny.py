@@ -391,3 +391,36 @@ def tiny_train_run(tmp_path, model_dir, *overrides, source_questions: int = 20):
         "train.max_steps=2", "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every=1", "train.lr=2e-2",
         "train.tensorboard=false", f"train.output_dir={tmp_path / 'run'}", *overrides])
     return cfg, train(cfg, quiet=True)
+
+
+# ------------------------------------------------------------------ the activation-cache tests' model
+
+
+
+
+def dropout_backbone(layers: int = 4, seed: int = 0):
+    """A tiny XLM-R with its default dropout (0.1): the rule that frozen layers below L run without
+    dropout is what makes the two paths agree, so dropout must be on for the test to mean anything."""
+    return tiny_backbone("xlm-roberta", seed=seed, pooler=False, num_hidden_layers=layers, vocab_size=VOCAB,
+                         max_position_embeddings=64)
+
+
+def method_cfg(tmp_path, cache: str, **sections):
+    """The activation-cache tests' method: prefixes in the top 2 of 4 layers, layer 3 trainable (so layers 2-3 keep dropout), alignment on."""
+    base = dict(prompts={"length": 0}, injection={"length": 2, "layers": "top_k", "top_k": 2, "reparam": False},
+                freezing={"strategy": "top_k", "top_k": 1},
+                alignment={"enabled": True, "batch_size": 4, "max_length": 10, "layers": [-1]},
+                model={"max_length": 32, "doc_stride": 8, "activation_cache": cache})
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    return tiny_cfg(tmp_path, **base)
+
+
+def build(cfg, ds=None, layers: int = 4):
+    from dsxfer.method.model import TransferModel
+    from dsxfer.training import engine as eng
+
+    with eng.zero3_construction(ds or {}):
+        backbone = dropout_backbone(layers)
+        torch.manual_seed(cfg.train.seed)
+        return TransferModel(backbone, cfg)

@@ -29,6 +29,7 @@ class Batches:
 
     n: int
     make: Callable[[list[int]], dict[str, torch.Tensor]]
+    lengths: list[int] | None = None  # real tokens per item: lets train.batching=length_grouped group them
 
 
 @dataclass
@@ -245,13 +246,14 @@ def _task_batches(cfg, training: list, tokenizer, reserved: int, notes: list) ->
     if cfg.model.task == "qa":
         feats = featurize_qa(training, tokenizer, max_length=cfg.model.max_length, doc_stride=cfg.model.doc_stride,
                              reserved_tokens=reserved, with_labels=True)
-        task = Batches(len(feats), lambda idx: feats.batch(idx, pad, with_labels=True))
+        task = Batches(len(feats), lambda idx: feats.batch(idx, pad, with_labels=True), [len(r) for r in feats.input_ids])
         notes.append(f"task features: {task.n} windows from {len(training)} training examples (a context longer than "
                      f"model.max_length={cfg.model.max_length} minus {reserved} soft-prompt positions is split into "
                      f"overlapping windows, model.doc_stride={cfg.model.doc_stride})")
     else:
         pair_feats = featurize_pairs(training, tokenizer, max_length=cfg.model.max_length, reserved_tokens=reserved)
-        task = Batches(len(training), lambda idx: collate_pairs(pair_feats, idx, pad, with_labels=True))
+        task = Batches(len(training), lambda idx: collate_pairs(pair_feats, idx, pad, with_labels=True),
+                       [len(r) for r in pair_feats["input_ids"]])
         notes.append(f"task features: {task.n}, one per training example (sentence pairs are truncated to "
                      f"model.max_length={cfg.model.max_length} minus {reserved} soft-prompt positions)")
     return task

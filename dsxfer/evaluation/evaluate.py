@@ -52,6 +52,13 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="feat", disable=not enabled, leave=False)
 
 
+def _batch_order(lengths: Sequence[int], length_sorted: bool) -> list[int]:
+    """Feature indices in the order they are batched: longest first (ties in input order), or as given."""
+    if not length_sorted:
+        return list(range(len(lengths)))
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
 def evaluate_qa(
     predict: QAPredict,
     tokenizer: Any,
@@ -66,8 +73,12 @@ def evaluate_qa(
     n_best: int = 20,
     max_answer_length: int = 30,
     progress: bool = True,
+    length_sorted: bool = True,
 ) -> tuple[dict[str, str], dict[str, float]]:
-    """Featurize, predict every window, decode answers, score. Returns (predictions, {exact_match, f1})."""
+    """Featurize, predict every window, decode answers, score. Returns (predictions, {exact_match, f1}).
+
+    Windows are batched longest first (length_sorted), so a batch pads little; the logits are put back in
+    the featurized order before decoding, so the predictions do not depend on the batching."""
     unlabelled = [ex.id for ex in examples if not ex.answers]
     if unlabelled:
         raise DataError(f"{len(unlabelled)} question(s) have no gold answer (e.g. {unlabelled[0]}): this split cannot be scored "
@@ -75,17 +86,18 @@ def evaluate_qa(
     feats = featurize_qa(examples, tokenizer, max_length=max_length, doc_stride=doc_stride,
                          reserved_tokens=reserved_tokens, with_labels=False)
     pad = pad_token_id(tokenizer)
-    starts: list[np.ndarray] = []
-    ends: list[np.ndarray] = []
+    starts: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
+    ends: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
+    order = _batch_order([len(r) for r in feats.input_ids], length_sorted)
     with _progress(len(feats), f"qa {lang}", progress) as bar:
         for lo in range(0, len(feats), batch_size):
-            idx = list(range(lo, min(lo + batch_size, len(feats))))
+            idx = order[lo: lo + batch_size]
             sl, el = predict(feats.batch(idx, pad))
             sl, el = _to_numpy(sl), _to_numpy(el)
             for r, i in enumerate(idx):
                 n = len(feats.input_ids[i])
-                starts.append(sl[r, :n])
-                ends.append(el[r, :n])
+                starts[i] = sl[r, :n]
+                ends[i] = el[r, :n]
             bar.update(len(idx))
     predictions = postprocess_qa(examples, feats, starts, ends, n_best=n_best, max_answer_length=max_answer_length)
     scores = qa_scores({ex.id: ex.answers for ex in examples}, predictions, metric, lang if metric == "mlqa" else None)
@@ -102,16 +114,20 @@ def evaluate_classification(
     reserved_tokens: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    length_sorted: bool = True,
 ) -> tuple[dict[str, int], dict[str, float]]:
-    """Predict a label per pair and score accuracy. Returns ({row id: label}, {accuracy})."""
+    """Predict a label per pair and score accuracy. Returns ({row id: label}, {accuracy}).
+    Pairs are batched longest first (length_sorted); labels are kept in the examples' order."""
     feats = featurize_pairs(examples, tokenizer, max_length=max_length, reserved_tokens=reserved_tokens)
     pad = pad_token_id(tokenizer)
-    labels: list[int] = []
+    labels: list[int] = [0] * len(examples)
+    order = _batch_order([len(r) for r in feats["input_ids"]], length_sorted)
     with _progress(len(examples), f"pairs {lang}", progress) as bar:
         for lo in range(0, len(examples), batch_size):
-            idx = list(range(lo, min(lo + batch_size, len(examples))))
+            idx = order[lo: lo + batch_size]
             logits = _to_numpy(predict(collate_pairs(feats, idx, pad, with_labels=False)))
-            labels += [int(x) for x in logits.argmax(-1)]
+            for i, x in zip(idx, logits.argmax(-1)):
+                labels[i] = int(x)
             bar.update(len(idx))
     predictions = {ex.id: lab for ex, lab in zip(examples, labels)}
     golds = [ex.label for ex in examples]
@@ -164,12 +180,16 @@ def hf_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
 
 def transfer_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
     """predict(batch) for a TransferModel (forward(batch) -> dict with start/end logits or logits); the batch
-    goes to the device the model's parameters are on (a DeepSpeed engine's module on GPU, or the CPU)."""
+    goes to the device the model's parameters are on (a DeepSpeed engine's module on GPU, or the CPU).
+    Evaluation never builds autograd state: inference mode, or no_grad for ZeRO-3 partitioned parameters
+    (DeepSpeed gathers them into tensors that must stay usable by the next training step)."""
     import torch
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    no_autograd = torch.no_grad if any(hasattr(p, "ds_id") for p in params) else torch.inference_mode
 
-    @torch.no_grad()
+    @no_autograd()
     def predict(batch: dict):
         out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         return (out["start_logits"], out["end_logits"]) if task == "qa" else out["logits"]

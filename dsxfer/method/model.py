@@ -157,6 +157,12 @@ class TransferModel(nn.Module):
         self.teacher_cache = align.TeacherCache(model_id or str(config.model.name_or_path or "embedded-default"),
                                                 config.alignment.layers, cache_dir)
         self.step = 0
+        # Below the first trainable or prompted layer the backbone is frozen: it runs in eval mode (train())
+        # and, where the architecture allows, from cached states (dsxfer.method.cache)
+        from dsxfer.method import cache as activation_cache
+
+        self.first_open_layer, _ = activation_cache.lowest_open_layer(self)
+        self.activation_cache, self.activation_cache_note = activation_cache.build(self)
 
     # --- construction helpers
 
@@ -195,6 +201,12 @@ class TransferModel(nn.Module):
         # at every step (the teacher and the preservation target are computed with it too).
         if not any(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.eval()
+        elif mode:
+            # the same rule for the frozen layers below the first trainable or prompted one: no dropout,
+            # so cached and uncached runs compute the same states (dsxfer.method.cache)
+            from dsxfer.method.cache import eval_below
+
+            eval_below(self.backbone, self.first_open_layer)
         return self
 
     # --- forward passes
@@ -202,6 +214,10 @@ class TransferModel(nn.Module):
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                 *, prompted: bool, hidden_states: bool = False):
         """Backbone forward with or without prompts; returns (outputs, number of virtual positions)."""
+        if self.activation_cache is not None:  # no soft prompt exists then: layers below the cache's start are fixed
+            prefixes = self.injection() if (prompted and self.injection is not None) else None
+            with active_prefixes(prefixes):
+                return self.activation_cache.encode(self, input_ids, attention_mask, token_type_ids, hidden_states=hidden_states), 0
         embeds = self.backbone.get_input_embeddings()(input_ids)
         n = self.prompt.length if prompted else 0
         if n:
@@ -224,7 +240,9 @@ class TransferModel(nn.Module):
         states = out.last_hidden_state[:, n:]  # real token positions only
         if self.cfg.model.task == "qa":
             start, end = self.head(states)
-            return {"start_logits": start, "end_logits": end}
+            # padded positions are never an answer: masked, the loss does not depend on how a batch is padded
+            pad = ~batch["attention_mask"].bool()
+            return {"start_logits": start.masked_fill(pad, _MASKED), "end_logits": end.masked_fill(pad, _MASKED)}
         pooled = pool_for_classification(states, batch["attention_mask"], self.decoder)
         return {"logits": self.head(pooled)}
 
@@ -271,9 +289,13 @@ class TransferModel(nn.Module):
             src_mask = batch["align_src_attention_mask"][rows]
             was_training = self.backbone.training
             self.backbone.eval()  # the teacher is deterministic: no dropout
-            with torch.no_grad():
+            # inference mode (no autograd bookkeeping at all) unless ZeRO-3 partitions the parameters: its
+            # gathers write parameter storage, which inference mode forbids
+            partitioned = any(hasattr(p, "ds_id") for p in self.backbone.parameters())
+            with torch.no_grad() if partitioned else torch.inference_mode():
                 out, _ = self._encode(src_ids, src_mask, None, prompted=False, hidden_states=True)
-            self.backbone.train(was_training)
+            if was_training:
+                self.train()  # back to the training rule: frozen layers below the first open one stay in eval mode
             from dsxfer.kernels import masked_mean_pool
 
             pooled = torch.stack([masked_mean_pool(h.float(), src_mask) for h in self._layer_states(out)], dim=1)

@@ -36,11 +36,6 @@ def nominal_peak_flops() -> float:
     return CPU_PEAK_FLOPS_PER_CORE * torch.get_num_threads()
 
 
-def mfu_params(backbone: torch.nn.Module) -> int:
-    """Parameters MFU counts: embedding tables are looked up, not multiplied, so like nanoGPT the others only."""
-    return sum(getattr(p, "ds_numel", p.numel()) for n, p in backbone.named_parameters() if "embed" not in n)
-
-
 @dataclass
 class Window:
     """What the micro-batches since the last log line add up to."""
@@ -57,10 +52,10 @@ class Log:
     """Rank 0 writes: a text log (stdout + <output_dir>/train.log) and TensorBoard scalars."""
 
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, *, progress: tuple[int, int] | None = None,
-                 log_every: int = 1, mfu_params: int = 0, peak_flops: float = 1.0):
+                 log_every: int = 1, flops_per_token: int = 0, peak_flops: float = 1.0):
         """progress=(first step, max steps) shows a progress bar on rank 0; None shows none."""
         self.enabled, self.bar, self.log_every = enabled, None, log_every
-        self.mfu_params, self.peak_flops = mfu_params, peak_flops
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # dsxfer.training.mfu
         self.window = Window()
         self.final_losses: dict[str, float] = {}  # the last logged window's mean losses: the hparams metrics
         self.file = None
@@ -125,7 +120,7 @@ class Log:
             "grad_norm": grad_norm,
             "throughput/samples_per_s": w.samples / elapsed,
             "throughput/tokens_per_s": tokens_per_s,
-            "throughput/mfu": 4.0 * self.mfu_params * tokens_per_s / self.peak_flops,
+            "throughput/mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
             "memory/peak_mb": peak_memory_mb(),
         })
         cosines = probes()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dsxfer.data.build import TrainData, build_train_data, write_data_record
+from dsxfer.data.length_order import LengthGroupedOrder
 from dsxfer.data.sampling import DataOrder
 from dsxfer.errors import ConfigError, DsxferError
 from dsxfer.method import trainable
@@ -28,7 +29,9 @@ from dsxfer.training import checkpoint as ckpt
 from dsxfer.training import engine as eng
 from dsxfer.training import runfolder
 from dsxfer.training.checkpoint import TrainState
-from dsxfer.training.log import Log, mfu_params, nominal_peak_flops
+from dsxfer.training.log import Log, nominal_peak_flops
+from dsxfer.training.memory import release_free_memory
+from dsxfer.training.mfu import model_flops_per_token
 
 
 class TrainingDiverged(DsxferError):
@@ -43,7 +46,7 @@ class Run:
     engine: Any                      # the DeepSpeed engine; engine.module is the TransferModel
     data: TrainData
     state: TrainState
-    task_order: DataOrder | None
+    task_order: DataOrder | LengthGroupedOrder | None
     align_order: DataOrder | None
     out_dir: Path
     rank: int
@@ -120,6 +123,8 @@ def _setup(cfg, model, data: TrainData, ds: dict[str, Any]) -> Run:
     if rank == 0:
         (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     task_order = DataOrder(data.task.n, t.seed, state.task_pos) if data.task else None
+    if data.task is not None and data.task.lengths is not None and t.batching == "length_grouped":
+        task_order = LengthGroupedOrder(data.task.lengths, t.seed, state.task_pos, global_batch=t.micro_batch_size * eng.world_size())
     align_on = data.align is not None and cfg.alignment.enabled
     align_order = DataOrder(data.align.n, t.seed + 1, state.align_pos) if align_on else None
     return Run(cfg, engine, data, state, task_order, align_order, out_dir, rank, eng.world_size(), ds, resume_from)
@@ -129,7 +134,7 @@ def _loop(run: Run, *, quiet: bool) -> dict[str, Any]:
     cfg, t, engine, data, state = run.cfg, run.cfg.train, run.engine, run.data, run.state
     module, device, unfreezer = engine.module, engine.device, getattr(engine.module, "unfreezer", None)
     log = Log(run.out_dir, run.rank == 0, t.tensorboard, progress=None if quiet else (state.step, t.max_steps),
-              log_every=t.log_every, mfu_params=mfu_params(module.backbone), peak_flops=nominal_peak_flops())
+              log_every=t.log_every, flops_per_token=model_flops_per_token(module)[0], peak_flops=nominal_peak_flops())
     probes = lambda: {lang: module.alignment_cosine(_to(probe, device)) for lang, probe in data.align_probes.items()}
     stopped, grad_norm = "max_steps", None
     try:
@@ -161,6 +166,7 @@ def _loop(run: Run, *, quiet: bool) -> dict[str, Any]:
             skipped_before = getattr(engine, "skipped_steps", 0)
             engine.step()
             if boundary:
+                release_free_memory()  # glibc keeps freed activations of varying shapes; RSS stays flat (training.memory)
                 grad_norm = eng.global_grad_norm(engine, before)
                 if getattr(engine, "skipped_steps", 0) > skipped_before:  # ZeRO 1-3 refuse non-finite gradients themselves
                     _bad_step(run, log, engine.global_steps, "non-finite gradients, DeepSpeed skipped the optimizer step, "
@@ -209,8 +215,9 @@ def _finish(run: Run, log: Log, stopped: str) -> None:
     state, module = run.state, run.engine.module
     if state.best_step is None:
         trainable.save(module, run.out_dir, run_name=run.out_dir.name)
-    if getattr(module, "teacher_cache", None) is not None:
-        module.teacher_cache.flush()
+    _flush_caches(module)
+    if getattr(module, "activation_cache", None) is not None:
+        log.line(module.activation_cache.summary())
     log.hparams(state.step, run.cfg.to_dict(), {**log.final_losses, "final/best_source_dev": state.best_score})
     log.line(f"done: {stopped} at step {state.step}; trainable weights in {run.out_dir / trainable.TRAINABLE_FILE}, "
              f"TensorBoard: tensorboard --logdir {run.out_dir / 'tb'}")
@@ -246,9 +253,15 @@ def _checkpoint(run: Run) -> Path:
     run.state.task_pos = run.task_order.pos if run.task_order else 0
     run.state.align_pos = run.align_order.pos if run.align_order else 0
     path = ckpt.save(run.engine, run.out_dir, run.state, run.cfg.train.keep_last)
-    if getattr(run.engine.module, "teacher_cache", None) is not None:
-        run.engine.module.teacher_cache.flush()
+    _flush_caches(run.engine.module)
     return path
+
+
+def _flush_caches(module) -> None:
+    """The teacher vectors and frozen activations computed so far, to their cache folders (if any)."""
+    for cache in (getattr(module, "teacher_cache", None), getattr(module, "activation_cache", None)):
+        if cache is not None:
+            cache.flush()
 
 
 def _bad_step(run: Run, log: Log, at: int, what: str, many: str) -> None:
@@ -276,8 +289,8 @@ def _log_header(run: Run, log: Log) -> None:
         log.line(data.skipped_line())
     log.line(f"world size {run.world} (rank {run.rank}), ZeRO-{eng.zero_stage(run.ds)}, precision {cfg.deepspeed.precision}, "
              f"micro batch {t.micro_batch_size} x accumulation {t.grad_accum}; "
-             f"MFU counts 4 x {log.mfu_params:,} non-embedding backbone params x tokens against a nominal "
-             f"{log.peak_flops / 1e12:.2f} TFLOP/s")
+             f"{model_flops_per_token(run.engine.module)[1]}, against a nominal {log.peak_flops / 1e12:.2f} TFLOP/s")
+    log.line(getattr(run.engine.module, "activation_cache_note", "activation cache: not used"))
 
 
 def _to(batch: dict, device: torch.device) -> dict:
