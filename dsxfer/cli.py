@@ -10,6 +10,7 @@ one line `dsxfer: error: ...` naming the closest valid flag, exit code 2, like e
 from __future__ import annotations
 
 import argparse
+import os
 import difflib
 import sys
 from pathlib import Path
@@ -233,23 +234,35 @@ def build_parser() -> _Parser:
                   epilog="`dsxfer COMMAND --help` explains every flag of a command.")
     top.add_argument("--version", action="version", version=f"dsxfer {__version__}", help="print the dsxfer version and exit")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
+    _add_config_commands(sub)
+    _add_train_commands(sub)
+    _add_eval_commands(sub)
+    _add_files_commands(sub)
+    _add_grid_commands(sub)
+    return top
 
-    def command(name: str, run: Callable[[argparse.Namespace], None], summary: str, description: str = "",
-                parent: argparse._SubParsersAction = sub) -> _Parser:
-        p = parent.add_parser(name, help=summary, description=summary + ("\n\n" + description if description else ""))
-        p.set_defaults(run=run, parser=p, takes_overrides=False)
-        return p
 
-    # config show / config help
-    config = command("config", None, "inspect configurations (show, help)")
+def _command(parent: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], None] | None, summary: str,
+             description: str = "") -> _Parser:
+    p = parent.add_parser(name, help=summary, description=summary + ("\n\n" + description if description else ""))
+    p.set_defaults(run=run, parser=p, takes_overrides=False)
+    return p
+
+
+def _add_config_commands(sub: argparse._SubParsersAction) -> None:
+    """`dsxfer config show | config help`."""
+    config = _command(sub, "config", None, "inspect configurations (show, help)")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", title="subcommands", parser_class=_Parser)
-    p = command("show", cmd_config_show, "print the resolved config: the YAML file (if any) plus dotted overrides", parent=config_sub)
+    p = _command(config_sub, "show", cmd_config_show, "print the resolved config: the YAML file (if any) plus dotted overrides")
     _add_overrides(p)
     p.add_argument("--config", metavar="PATH", help="a YAML config (configs/*.yaml); without it the defaults")
     p.set_defaults(takes_overrides=True)
-    command("help", cmd_config_help, "list every config key with its default and what it does", parent=config_sub)
+    _command(config_sub, "help", cmd_config_help, "list every config key with its default and what it does")
 
-    p = command("demo", cmd_demo, "few-shot cross-lingual QA demo on the embedded model: with vs. without alignment",
+
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    """`dsxfer demo and train`."""
+    p = _command(sub, "demo", cmd_demo, "few-shot cross-lingual QA demo on the embedded model: with vs. without alignment",
                 "English TyDi QA + 8 MLQA shots per target language (de, es, zh), Tatoeba pairs for the alignment loss;\n"
                 "evaluated on a fixed XQuAD subset. Prints the F1/EM table and writes report.md, PNG charts and\n"
                 "TensorBoard logs under --output_dir.")
@@ -257,14 +270,17 @@ def build_parser() -> _Parser:
     p.add_argument("-o", "--output_dir", default="runs/demo", metavar="DIR", help="where the two runs, the report and the charts go")
     p.set_defaults(takes_overrides=True)
 
-    p = command("train", cmd_train, "train as a config says (one process; launchers/train.py under deepspeed/torchrun/srun for more)",
+    p = _command(sub, "train", cmd_train, "train as a config says (one process; launchers/train.py under deepspeed/torchrun/srun for more)",
                 "Writes weights, checkpoints, train.log and TensorBoard logs into train.output_dir.")
     _add_overrides(p)
     p.add_argument("--config", metavar="PATH", help="a YAML config (configs/*.yaml); without it the defaults")
     p.add_argument("--deepspeed", metavar="PATH", help="a DeepSpeed JSON (ds_configs/zero*.json); without it ZeRO-0 built from the config")
     p.set_defaults(takes_overrides=True)
 
-    p = command("eval", cmd_eval, "evaluate a backbone or a trained run per language, or on your own files; write predictions and scores",
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """`dsxfer eval`."""
+    p = _command(sub, "eval", cmd_eval, "evaluate a backbone or a trained run per language, or on your own files; write predictions and scores",
                 "A benchmark task (--task, --langs) or your own test files (--file PATH --lang CODE, repeatable, or the\n"
                 "config's eval.files): SQuAD-format .json, PAWS-X .tsv (with or without the header id/sentence1/sentence2/label)\n"
                 "or .jsonl. Flags left out take the config's value (eval.*, data.data_dir, data.on_error, model.name_or_path).\n"
@@ -299,7 +315,10 @@ def build_parser() -> _Parser:
                    "(skip) (default: data.on_error, raise)")
     p.set_defaults(takes_overrides=True)
 
-    p = command("score", cmd_score, "score an existing prediction file with dsxfer's metrics (SQuAD v1.1 / MLQA EM and F1, accuracy)",
+
+def _add_files_commands(sub: argparse._SubParsersAction) -> None:
+    """`dsxfer score, export and prepare-model`."""
+    p = _command(sub, "score", cmd_score, "score an existing prediction file with dsxfer's metrics (SQuAD v1.1 / MLQA EM and F1, accuracy)",
                 "PREDICTIONS is the official format: {question_id: answer_text} for QA, {id: label} for classification.\n"
                 "The gold data is a benchmark language (--task --lang) or your file (--file --lang). A gold id without\n"
                 "a prediction scores 0, as in the official SQuAD script; missing and extra ids are counted and named.")
@@ -311,20 +330,23 @@ def build_parser() -> _Parser:
     p.add_argument("--on_error", choices=("raise", "skip"), default="raise", help="a bad gold record stops (raise) or is left out (skip)")
     p.add_argument("-o", "--output_dir", metavar="DIR", help="also write scores.json there (for dsxfer report)")
 
-    p = command("export", cmd_export, "export a trained run: trainable.safetensors + config.yaml and PEFT adapter folders where they map",
+    p = _command(sub, "export", cmd_export, "export a trained run: trainable.safetensors + config.yaml and PEFT adapter folders where they map",
                 "Soft prompt -> PROMPT_TUNING, LoRA -> LORA, prefixes in every layer -> PREFIX_TUNING (prefixes in some\n"
                 "layers only stay in dsxfer's files). Each PEFT folder carries the tokenizer, head.safetensors and a\n"
                 "README.md with the loading code.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the output_dir of a finished training run")
     p.add_argument("-o", "--output_dir", metavar="DIR", help="where the export goes (default: RUN_DIR/export)")
 
-    p = command("prepare-model", cmd_prepare_model, "build or check the embedded default model (or check that --model loads) and print its summary",
+    p = _command(sub, "prepare-model", cmd_prepare_model, "build or check the embedded default model (or check that --model loads) and print its summary",
                 "A cached folder that fails its manifest check is reported and rebuilt.")
     p.add_argument("--cache", metavar="DIR", help="cache root (default: $DSXFER_CACHE, else ~/.cache/dsxfer)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cached folder is valid")
     p.add_argument("--model", metavar="NAME_OR_PATH", help="instead load this HF model and its tokenizer and summarise them")
 
-    p = command("reproduce", cmd_reproduce, "run a suite: methods x k shots x seeds, dsxfer against PEFT + the HF Trainer, one JSON per cell",
+
+def _add_grid_commands(sub: argparse._SubParsersAction) -> None:
+    """`dsxfer reproduce and report`."""
+    p = _command(sub, "reproduce", cmd_reproduce, "run a suite: methods x k shots x seeds, dsxfer against PEFT + the HF Trainer, one JSON per cell",
                 "Suites: tiny (a tiny random model: checks the machinery in minutes), small (the embedded model, about two\n"
                 "hours on 2 CPU cores), full (every method and k, 5 seeds), or a suite YAML/JSON file. Each cell trains and\n"
                 "evaluates in its own process and writes <out>/cells/<cell>/result.json; finished cells are skipped, so the same\n"
@@ -336,7 +358,7 @@ def build_parser() -> _Parser:
     p.add_argument("--methods", metavar="LIST", help="run only these methods of the suite (comma list)")
     p.add_argument("--dry_run", action="store_true", help="list the cells that would run and stop")
 
-    p = command("report", cmd_report, "aggregate runs, or a `dsxfer reproduce` results folder, into per-language tables and PNG charts",
+    p = _command(sub, "report", cmd_report, "aggregate runs, or a `dsxfer reproduce` results folder, into per-language tables and PNG charts",
                 "Runs whose config.yaml differ only in the seed are seeds of one method, named by what they trained:\n"
                 "mean, std and min per language, and the average over the target languages (the source apart).\n"
                 "Also writes a training-curve PNG per run. Given one results folder of `dsxfer reproduce`, the cells'\n"
@@ -348,7 +370,6 @@ def build_parser() -> _Parser:
     p.add_argument("--markdown", metavar="PATH", help="results folder only: also write the tables into this markdown file (e.g. "
                    "docs/RESULTS.md), replacing the suite's earlier section there")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG charts (--no-plots: tables only)")
-    return top
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
@@ -402,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help and --version print and exit 0
         return e.code if isinstance(e.code, int) else 0
+    except BrokenPipeError:  # `dsxfer config help | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -132,3 +132,13 @@ def test_comma_lists_in_overrides_and_flags():
     assert "target_langs:\n  - deu\n  - fra\n" in r.stdout
     assert "layers:\n  - 10\n  - 11\n" in r.stdout
     assert "files:\n  - a.json:de\n  - b.tsv:fr\n" in r.stdout
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`dsxfer config help | head -1`: the pipe closes after one line; dsxfer exits 0 and quietly."""
+    proc = subprocess.Popen([sys.executable, "-m", "dsxfer.cli", "config", "help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and first.startswith(b"name")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
