@@ -1,6 +1,6 @@
 """Length-grouped training order: batches of similar length, so dynamic padding pads little.
 
-`LengthGroupedOrder` keeps DataOrder's contract (dsxfer.training.train): an endless, seeded stream of
+`LengthGroupedOrder` keeps DataOrder's contract (dsxfer.data.sampling): an endless, seeded stream of
 item indices whose whole state is one position, so a resumed run continues exactly where the saved one
 was, and each rank takes its own slice of every global batch. Epoch e is built from the same seeded
 permutation DataOrder draws (seed + 1_000_003 * e), then:
@@ -20,19 +20,19 @@ from collections.abc import Sequence
 
 import torch
 
+from dsxfer.data.sampling import DataOrder
 
-class LengthGroupedOrder:
+
+class LengthGroupedOrder(DataOrder):
     def __init__(self, lengths: Sequence[int], seed: int, pos: int = 0, *, global_batch: int, chunk_batches: int = 32):
         if global_batch <= 0 or chunk_batches <= 0:
             raise ValueError("global_batch and chunk_batches must be positive")
+        super().__init__(len(lengths), seed, pos)
         self.lengths = list(lengths)
-        self.n, self.seed, self.pos = len(self.lengths), seed, pos
         self.global_batch, self.chunk_batches = global_batch, chunk_batches
-        self._epoch, self._order = -1, None
 
     def epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + 1_000_003 * epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()  # DataOrder's permutation of this epoch
+        perm = super().epoch_order(epoch)  # DataOrder's permutation of this epoch
         chunk = self.global_batch * self.chunk_batches
         shuffle = torch.Generator().manual_seed(self.seed + 1_000_003 * epoch + 1)
         order: list[int] = []
@@ -42,15 +42,3 @@ class LengthGroupedOrder:
             for b in torch.randperm(len(batches), generator=shuffle).tolist():
                 order += batches[b]
         return order
-
-    def _index(self, p: int) -> int:
-        epoch = p // self.n
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, self.epoch_order(epoch)
-        return self._order[p % self.n]
-
-    def next(self, per_rank: int, rank: int, world: int) -> list[int]:
-        start = self.pos + rank * per_rank
-        out = [self._index(p) for p in range(start, start + per_rank)]
-        self.pos += per_rank * world
-        return out

@@ -81,21 +81,24 @@ class DataOrder:
     """An endless, seeded stream of item indices: epoch e is a permutation drawn from seed + e.
 
     The whole state is one position, so a resumed run continues exactly where the saved one was.
-    Each rank takes its own slice of every global batch.
+    Each rank takes its own slice of every global batch. Subclasses change `epoch_order` only.
     """
 
     def __init__(self, n: int, seed: int, pos: int = 0):
         self.n, self.seed, self.pos = n, seed, pos
-        self._epoch, self._perm = -1, None
+        self._epoch, self._order = -1, None
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed + 1_000_003 * epoch)
+        return torch.randperm(self.n, generator=g).tolist()
 
     def _index(self, p: int) -> int:
         epoch = p // self.n
         if epoch != self._epoch:
-            import torch
-
-            g = torch.Generator().manual_seed(self.seed + 1_000_003 * epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
-        return self._perm[p % self.n]
+            self._epoch, self._order = epoch, self.epoch_order(epoch)
+        return self._order[p % self.n]
 
     def next(self, per_rank: int, rank: int, world: int) -> list[int]:
         start = self.pos + rank * per_rank

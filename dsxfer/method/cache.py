@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsxfer.files import sha256_file
 from dsxfer.method.freezing import is_adapter, layer_of
 
 SHARD_BYTES = 64 * 2**20  # new rows are written to disk in shards of about this size
@@ -149,14 +150,6 @@ def weight_fingerprint(modules: list[nn.Module]) -> str:
     return h.hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class ActivationCache:
     """States entering layer `start`, per input row; see the module docstring."""
 
@@ -194,7 +187,7 @@ class ActivationCache:
 
         for shard in sorted(self.dir.glob("*.safetensors")):
             sidecar = shard.with_suffix(".sha256")
-            if not sidecar.is_file() or sidecar.read_text().strip() != _sha256(shard):
+            if not sidecar.is_file() or sidecar.read_text().strip() != sha256_file(shard):
                 self.skipped_shards.append(shard.name)
                 continue
             with safe_open(str(shard), framework="pt") as f:
@@ -215,7 +208,7 @@ class ActivationCache:
         tmp = self.dir / f".{name}.tmp"
         save_file({k.hex(): v.contiguous() for k, v in self._pending.items()}, str(tmp),
                   metadata={"kind": "dsxfer-activation-cache", "model": self.model_id, "start_layer": str(self.start)})
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         shard = self.dir / f"{name}.safetensors"
         tmp.replace(shard)
         shard.with_suffix(".sha256").write_text(digest + "\n")

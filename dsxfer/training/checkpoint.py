@@ -27,7 +27,6 @@ against corruption, the allow-list against a tampered file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from dsxfer.errors import DsxferError
+from dsxfer.files import sha256_file
 from dsxfer.method import trainable
 from dsxfer.method.trainable import TRAINABLE_FILE, NonFiniteError, check_finite  # noqa: F401  (checkpoint errors)
 from dsxfer.training import engine as eng
@@ -79,14 +79,6 @@ class TrainState:
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -184,7 +176,7 @@ def save(engine, output_dir: str | Path, state: TrainState, keep_last: int) -> P
             return
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "world_size": eng.world_size(),
-                    "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
+                    "files": {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
         if final.exists():
@@ -240,7 +232,7 @@ def verify(path: str | Path) -> None:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: file {name} listed in {MANIFEST} is missing; the checkpoint is corrupted")
-        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+        if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: file {name} does not match its sha256 in {MANIFEST}; the checkpoint is corrupted")
 
 

@@ -46,7 +46,7 @@ class Run:
     engine: Any                      # the DeepSpeed engine; engine.module is the TransferModel
     data: TrainData
     state: TrainState
-    task_order: DataOrder | LengthGroupedOrder | None
+    task_order: DataOrder | None     # a LengthGroupedOrder when train.batching=length_grouped
     align_order: DataOrder | None
     out_dir: Path
     rank: int
