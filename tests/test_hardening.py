@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dsxfer.files import sha256_file
 from dsxfer.training import checkpoint as ckpt
 from dsxfer.data.readers import read_jsonl, read_parallel, read_pawsx_tsv, read_squad_json
 from dsxfer.errors import DataError
@@ -150,7 +151,7 @@ def _rehash(checkpoint: Path) -> None:
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     for name in manifest["files"]:
         f = checkpoint / name
-        manifest["files"][name] = {"sha256": ckpt._sha256(f), "bytes": f.stat().st_size}
+        manifest["files"][name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
