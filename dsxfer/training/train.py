@@ -133,12 +133,13 @@ def _setup(cfg, model, data: TrainData, ds: dict[str, Any]) -> Run:
 def _loop(run: Run, *, quiet: bool) -> dict[str, Any]:
     cfg, t, engine, data, state = run.cfg, run.cfg.train, run.engine, run.data, run.state
     module, device, unfreezer = engine.module, engine.device, getattr(engine.module, "unfreezer", None)
+    flops, flops_note = model_flops_per_token(module)  # what one trained token costs (dsxfer.training.mfu)
     log = Log(run.out_dir, run.rank == 0, t.tensorboard, progress=None if quiet else (state.step, t.max_steps),
-              log_every=t.log_every, flops_per_token=model_flops_per_token(module)[0], peak_flops=nominal_peak_flops())
+              log_every=t.log_every, flops_per_token=flops, peak_flops=nominal_peak_flops())
     probes = lambda: {lang: module.alignment_cosine(_to(probe, device)) for lang, probe in data.align_probes.items()}
     stopped, grad_norm = "max_steps", None
     try:
-        _log_header(run, log)
+        _log_header(run, log, flops_note)
         engine.train()
         while state.step < t.max_steps:
             # --- one micro-batch: task examples, plus parallel pairs every `alignment.every` micro-batches
@@ -275,7 +276,7 @@ def _bad_step(run: Run, log: Log, at: int, what: str, many: str) -> None:
                                f"(train.max_bad_steps={limit}); {_last_good(run.out_dir)}; lower train.lr or check the data")
 
 
-def _log_header(run: Run, log: Log) -> None:
+def _log_header(run: Run, log: Log, flops_note: str) -> None:
     """The top of train.log: where the run starts, warnings, the config, what data assembly derived, the setup."""
     cfg, t, data = run.cfg, run.cfg.train, run.data
     if run.resumed_from is not None:
@@ -289,7 +290,7 @@ def _log_header(run: Run, log: Log) -> None:
         log.line(data.skipped_line())
     log.line(f"world size {run.world} (rank {run.rank}), ZeRO-{eng.zero_stage(run.ds)}, precision {cfg.deepspeed.precision}, "
              f"micro batch {t.micro_batch_size} x accumulation {t.grad_accum}; "
-             f"{model_flops_per_token(run.engine.module)[1]}, against a nominal {log.peak_flops / 1e12:.2f} TFLOP/s")
+             f"{flops_note}, against a nominal {log.peak_flops / 1e12:.2f} TFLOP/s")
     log.line(getattr(run.engine.module, "activation_cache_note", "activation cache: not used"))
 
 
