@@ -51,6 +51,9 @@ def init_process_env() -> dict[str, int]:
     return {"rank": int(env["RANK"]), "local_rank": int(env["LOCAL_RANK"]), "world_size": int(env["WORLD_SIZE"])}
 
 
+SHM_DIR = Path("/dev/shm")
+
+
 def init_distributed() -> dict[str, int]:
     """Set the environment and start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
     info = init_process_env()
@@ -58,7 +61,32 @@ def init_distributed() -> dict[str, int]:
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(verbose=False)
+        _unlink_shm_workspace(info["rank"])
     return info
+
+
+def shm_workspace_name(rank: int) -> str:
+    """The name DeepSpeed's CPU all-reduce gives the shared-memory workspace of `rank` (shm.cpp)."""
+    env = os.environ
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+
+
+def _unlink_shm_workspace(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory workspace once every rank has mapped it.
+
+    When all ranks are on one machine (the launcher sets LOCAL_SIZE == WORLD_SIZE), DeepSpeed's CPU
+    communication op creates a 66 MB segment per rank in /dev/shm, maps its peers' segments while
+    `init_distributed` runs, and never unlinks them: each 2-rank run left 132 MB of RAM behind, for
+    good, until a machine running many of them (a test suite, a sweep) was out of memory. After the
+    barrier every rank holds its mappings, so the names are no longer needed; unlinking them now
+    keeps the memory alive exactly as long as the processes, even when they are killed.
+    """
+    env = os.environ
+    if env.get("LOCAL_SIZE") != env.get("WORLD_SIZE"):  # DeepSpeed's own test: the same on every rank
+        return
+    barrier()
+    with contextlib.suppress(FileNotFoundError):
+        (SHM_DIR / shm_workspace_name(rank)).unlink()
 
 
 def rank() -> int:
