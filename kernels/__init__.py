@@ -1,12 +1,14 @@
 """dsxfer.kernels: functional API for the fused kernels, with dispatch.
 
-CUDA tensors with Triton available -> the Triton kernels; anything else -> the PyTorch reference
-in `reference.py` (the CPU path and the test oracle). Callers never import a backend directly.
+CUDA tensors with Triton available -> the Triton kernels; anything else -> PyTorch: prefix attention
+through the fused `scaled_dot_product_attention` (`sdpa.py`, the CPU path), the alignment loss through
+the reference. `reference.py` is the test oracle: plain matmul and softmax, in float64 when asked.
+Callers never import a backend directly.
 
-DSXFER_KERNELS=reference|triton|auto (default auto) forces a backend: `triton` on CPU tensors runs the
-kernels in Triton's interpreter (how the tests exercise them without a GPU). Calls the kernels do not
-cover go to the reference whatever the switch says: prefix attention with a general `attn_mask`, or
-float64 / head dim > 256; the alignment loss in float64 (the oracle dtype).
+DSXFER_KERNELS=auto|sdpa|reference|triton (default auto) forces a backend: `triton` on CPU tensors runs
+the kernels in Triton's interpreter (how the tests exercise them without a GPU). Calls the Triton kernels
+do not cover go to SDPA whatever the switch says (prefix attention with a general `attn_mask`, or float64
+/ head dim > 256), and the alignment loss in float64 (the oracle dtype) to the reference.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 
 import torch
 
-from dsxfer.kernels import reference
+from dsxfer.kernels import reference, sdpa
 from dsxfer.kernels.reference import masked_mean_pool
 
 # The Triton modules share their names with the functions below. They are imported here, before the
@@ -30,30 +32,35 @@ except ImportError:  # no Triton on this platform: the reference is the only bac
 
 __all__ = ["alignment_loss", "prefix_attention", "masked_mean_pool", "reference", "backend"]
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "sdpa", "reference", "triton")
 
 
 def backend(device) -> str:
-    """'triton' or 'reference' for tensors on `device`, after the DSXFER_KERNELS switch."""
+    """'triton', 'sdpa' or 'reference' for tensors on `device`, after the DSXFER_KERNELS switch."""
     choice = os.environ.get("DSXFER_KERNELS", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         from dsxfer.errors import ConfigError
 
         raise ConfigError(f"environment variable DSXFER_KERNELS={choice!r} is invalid: expected one of "
                           f"{', '.join(BACKENDS)}")
-    if choice == "reference" or _triton_attention is None:
-        return "reference"
+    if choice in ("reference", "sdpa"):
+        return choice
+    if _triton_attention is None:
+        return "sdpa"
     if choice == "triton":
         return "triton"
-    return "triton" if getattr(device, "type", str(device)) == "cuda" else "reference"
+    return "triton" if getattr(device, "type", str(device)) == "cuda" else "sdpa"
 
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False,
                      scale=None, attn_mask=None):
     """Attention over [prefix K/V ; sequence K/V]; see `reference.prefix_attention` for shapes."""
-    if backend(q.device) == "triton" and _triton_attention.supports(q, k, attn_mask):
+    choice = backend(q.device)
+    if choice == "triton" and _triton_attention.supports(q, k, attn_mask):
         return _triton_attention.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
-    return reference.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, attn_mask)
+    if choice == "reference":
+        return reference.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, attn_mask)
+    return sdpa.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, attn_mask)
 
 
 def alignment_loss(hidden, mask, teacher, loss="cosine", temperature=0.05):

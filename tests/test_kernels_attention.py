@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from dsxfer import kernels  # noqa: E402
 from dsxfer.errors import ConfigError  # noqa: E402
-from dsxfer.kernels import _launch, reference  # noqa: E402
+from dsxfer.kernels import _launch, reference, sdpa  # noqa: E402
 from dsxfer.kernels.prefix_attention import _attn_fwd_kernel, prefix_attention as triton_prefix_attention  # noqa: E402
 
 # Kernel and reference both compute in float32 whatever the input dtype, so the floor is a float32 one for
@@ -51,11 +51,11 @@ def _run(fn, tensors, kpm, grad_out, causal, dtype, device="cpu"):
     return [out.detach().double().cpu()] + [g.double().cpu() for g in grads]
 
 
-def _check(B, Hq, Hkv, T, P, D, causal, pad, dtype, device="cpu", slack=2.0):
+def _check(B, Hq, Hkv, T, P, D, causal, pad, dtype, device="cpu", slack=2.0, fn=triton_prefix_attention):
     tensors, kpm, grad_out = _inputs(B, Hq, Hkv, T, P, D, dtype, pad)
     exact = _run(reference.prefix_attention, tensors, kpm, grad_out, causal, torch.float64)
     torch_same_dtype = _run(reference.prefix_attention, tensors, kpm, grad_out, causal, dtype)
-    kernel = _run(triton_prefix_attention, tensors, kpm, grad_out, causal, dtype, device)
+    kernel = _run(fn, tensors, kpm, grad_out, causal, dtype, device)
     for name, ref, theirs, ours in zip(NAMES, exact, torch_same_dtype, kernel):
         assert ours.shape == ref.shape, name
         assert torch.isfinite(ours).all(), f"{name}: non-finite values"
@@ -84,6 +84,38 @@ CASES = [
 @pytest.mark.parametrize("B,Hq,Hkv,T,P,D,causal,pad,dtype", CASES)
 def test_forward_and_gradients_match_fp64_reference(B, Hq, Hkv, T, P, D, causal, pad, dtype):
     _check(B, Hq, Hkv, T, P, D, causal, pad, dtype)
+
+
+# the CPU path: the same rule for PyTorch's fused SDPA, plus causal attention over left padding without a
+# prefix (query rows that see no key: zeros, not NaN) and bfloat16
+SDPA_CASES = CASES + [(2, 4, 2, 13, 0, 32, True, True, torch.float32), (2, 2, 2, 13, 0, 32, False, False, torch.float32),
+                      (1, 2, 2, 128, 0, 32, True, False, torch.float32), (2, 4, 1, 128, 16, 32, False, True, torch.bfloat16),
+                      (2, 4, 2, 13, 0, 32, True, True, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,P,D,causal,pad,dtype", SDPA_CASES)
+def test_sdpa_path_matches_fp64_reference(B, Hq, Hkv, T, P, D, causal, pad, dtype):
+    """In 16 bits SDPA's CPU kernel rounds P and dS to the input dtype, as FlashAttention does (and as the
+    Triton kernel's fast backward mode): the 4x rule of that mode; float32 keeps the 2x rule."""
+    _check(B, Hq, Hkv, T, P, D, causal, pad, dtype, fn=sdpa.prefix_attention, slack=2.0 if dtype == torch.float32 else 4.0)
+
+
+@pytest.mark.parametrize("P", [0, 7])
+def test_sdpa_path_takes_a_general_mask_and_fully_padded_rows(P):
+    """A general (B, 1, T, T) mask, and an example with no real token at all: the reference's answer."""
+    tensors, _, grad_out = _inputs(2, 2, 2, 13, P, 32, torch.float32, pad=False, seed=11)
+    attn_mask = torch.rand(2, 1, 13, 13, generator=torch.Generator().manual_seed(1)) > 0.5
+    kpm = torch.ones(2, 13, dtype=torch.bool)
+    kpm[1] = False
+    for mask_kw in ({"attn_mask": attn_mask}, {"key_padding_mask": kpm}):
+        leaves = [[x.double().clone().requires_grad_() for x in tensors], [x.clone().requires_grad_() for x in tensors]]
+        outs = [reference.prefix_attention(*leaves[0], **mask_kw), sdpa.prefix_attention(*leaves[1], **mask_kw)]
+        grads = [torch.autograd.grad(o, leaf, grad_out.to(o.dtype), allow_unused=True, materialize_grads=True)
+                 for o, leaf in zip(outs, leaves)]
+        torch.testing.assert_close(outs[1].double(), outs[0], rtol=1e-5, atol=1e-5)
+        for mine, exact in zip(grads[1], grads[0]):
+            assert torch.isfinite(mine).all()
+            torch.testing.assert_close(mine.double(), exact, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -148,13 +180,17 @@ def test_dispatch_switch(monkeypatch):
     tensors, kpm, _ = _inputs(1, 2, 2, 13, 7, 32, torch.float32, pad=True)
     q, k, v, pk, pv = tensors
     monkeypatch.setenv("DSXFER_KERNELS", "auto")
-    assert kernels.backend(q.device) == "reference"  # CPU tensors: reference by default
+    assert kernels.backend(q.device) == "sdpa"  # CPU tensors: PyTorch's fused attention by default
+    grad_fn = lambda: type(kernels.prefix_attention(q.clone().requires_grad_(), k, v, pk, pv).grad_fn).__name__  # noqa: E731
+    assert "ScaledDotProduct" in grad_fn()
+    monkeypatch.setenv("DSXFER_KERNELS", "reference")  # the oracle: matmul + softmax
+    assert "ScaledDotProduct" not in grad_fn()
     monkeypatch.setenv("DSXFER_KERNELS", "triton")
     out = kernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=kpm, causal=True)
     assert out.grad_fn is None  # no grad requested; check it went through the custom op instead
     q_leaf = q.clone().requires_grad_()
     assert "PrefixAttentionFunction" in type(kernels.prefix_attention(q_leaf, k, v, pk, pv).grad_fn).__name__
-    # A general mask is not a kernel input: the dispatcher falls back to the reference, same answer.
+    # A general mask is not a kernel input: the dispatcher falls back to SDPA, the reference's answer.
     attn_mask = torch.rand(1, 1, 13, 13, generator=torch.Generator().manual_seed(0)) > 0.3
     fallback = kernels.prefix_attention(q_leaf, k, v, pk, pv, attn_mask=attn_mask)
     assert "PrefixAttentionFunction" not in type(fallback.grad_fn).__name__
