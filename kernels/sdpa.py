@@ -43,6 +43,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     if attn_mask is None and causal and key_padding_mask is None and not P:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
+    # the general mask, spelled out here rather than shared with the reference: the oracle stays independent
     allowed = torch.ones(B, 1, T, P + T, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         allowed[..., P:] &= key_padding_mask.bool()[:, None, None, :]
