@@ -282,6 +282,7 @@ def child_dsxfer(spec: dict, method: str) -> dict:
     samples_per_s = spec["steps"] * spec["batch"] / sum(step_seconds.values())
 
     model = load_trained(out_dir)
+    model.merge_lora()  # as `dsxfer eval` (evaluation.load_predictor) does
     tokenizer = model.tokenizer
     examples = list(read_squad_json(spec["questions_file"], "en"))
     reserved = int(model.num_virtual_tokens)

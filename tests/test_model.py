@@ -164,3 +164,27 @@ def test_build_then_load_trained_reproduces_outputs(tmp_path):
         assert not torch.equal(fresh.eval()(b)["start_logits"], expected["start_logits"])
     with pytest.raises(DataError, match="lacks config.yaml or trainable.safetensors"):
         load_trained(tmp_path)
+
+
+def test_merged_lora_gives_the_unmerged_outputs():
+    """merge_lora folds every adapter into its weight: the same logits, from plain Linear products."""
+    from peft.tuners.lora import LoraLayer
+
+    cfg = config("adapters.lora=true", "adapters.r=4", "adapters.alpha=8", "prompts.length=0", "injection.length=0")
+    model = TransferModel(tiny_backbone("xlm-roberta"), cfg).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.5)  # B starts at zero: make the adapters change the output
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 90, (3, 17), generator=g), "attention_mask": torch.ones(3, 17, dtype=torch.long)}
+    batch["attention_mask"][1, 11:] = 0
+    with torch.no_grad():
+        before = model(batch)
+        plain = TransferModel(tiny_backbone("xlm-roberta"), cfg).eval()(batch)  # the same backbone without adapters
+        assert (before["start_logits"] - plain["start_logits"]).abs().max() > 1e-2  # the adapters matter here
+        adapted = sum(isinstance(m, LoraLayer) for m in model.modules())
+        assert adapted > 0 and model.merge_lora() == adapted and model.merge_lora() == 0
+        after = model(batch)
+    for key in ("start_logits", "end_logits"):
+        torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-5)
+    assert TransferModel(tiny_backbone("xlm-roberta"), config()).merge_lora() == 0

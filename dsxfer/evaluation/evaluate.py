@@ -234,6 +234,7 @@ def load_predictor(task_kind: str, *, model: str | None = None, run_dir: str | N
         from dsxfer.method.model import load_trained
 
         trained = load_trained(run_dir)
+        trained.merge_lora()  # inference only: one matrix product per adapted projection
         cfg = trained.cfg
         if cfg.model.task != task_kind:
             raise DsxferError(f"run {run_dir} trained a '{cfg.model.task}' head but this task needs '{task_kind}'")
