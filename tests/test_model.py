@@ -180,7 +180,7 @@ def test_merged_lora_gives_the_unmerged_outputs():
     batch["attention_mask"][1, 11:] = 0
     with torch.no_grad():
         before = model(batch)
-        plain = TransferModel(tiny_backbone("xlm-roberta"), cfg).eval()(batch)  # the same backbone without adapters
+        plain = TransferModel(tiny_backbone("xlm-roberta"), cfg).eval()(batch)  # fresh adapters (B = 0): the backbone alone
         assert (before["start_logits"] - plain["start_logits"]).abs().max() > 1e-2  # the adapters matter here
         adapted = sum(isinstance(m, LoraLayer) for m in model.modules())
         assert adapted > 0 and model.merge_lora() == adapted and model.merge_lora() == 0
