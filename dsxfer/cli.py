@@ -350,7 +350,11 @@ def _add_grid_commands(sub: argparse._SubParsersAction) -> None:
                 "Suites: tiny (a tiny random model: checks the machinery in minutes), small (the embedded model, about three\n"
                 "hours on 2 CPU cores), full (every method and k, 5 seeds), or a suite YAML/JSON file. Each cell trains and\n"
                 "evaluates in its own process and writes <out>/cells/<cell>/result.json; finished cells are skipped, so the same\n"
-                "command continues a stopped grid. Then `dsxfer report <out>` writes the tables and charts.")
+                "command continues a stopped grid. Then `dsxfer report <out>` writes the tables and charts.\n\n"
+                "A suite file has the fields of dsxfer/reproduce.py SUITES, and may define its own variants of a method\n"
+                "(define: {name: {like: lora_recipe, overrides: [alignment.weight=0.25], lr: 1e-3}}) and score the source dev\n"
+                "hold-out only (eval: {source_dev: {max_examples: 200}}): a tuning grid that never sees target test data, e.g.\n"
+                "docs/results/tune/tune.yaml.")
     p.add_argument("--suite", required=True, metavar="NAME", help="tiny, small, full, or a suite .yaml/.json file")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every cell trains and evaluates")
     p.add_argument("--out", metavar="DIR", help="the results folder (default: runs/reproduce/<suite>)")

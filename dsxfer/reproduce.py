@@ -145,6 +145,9 @@ SUITES: dict[str, dict[str, Any]] = {
     },
 }
 
+# evaluation sets a suite's eval can name: the target benchmarks, and the run's own source dev hold-out (for tuning:
+# data.dev_examples source questions never trained on; the only data a recipe may be tuned on)
+EVAL_TASKS = ("xquad", "mlqa", "source_dev")
 RESULT_KEYS = ("cell", "spec", "config", "method", "kind", "task", "k", "seed", "scores", "train", "peak_rss_mb", "wall_s")
 
 
@@ -166,11 +169,66 @@ def load_suite(name_or_path: str) -> dict[str, Any]:
     for key in ("model", "methods", "k", "seeds", "targets", "train", "eval"):
         if key not in suite:
             raise ConfigError(f"suite {suite['name']}: field '{key}' is missing (see dsxfer/reproduce.py SUITES for the shape)")
-    unknown = [m for m in suite["methods"] + suite.get("pawsx", {}).get("methods", []) if m not in METHODS]
+    suite["define"] = _defined_methods(suite)
+    known = suite_methods(suite)
+    unknown = [m for m in suite["methods"] + suite.get("pawsx", {}).get("methods", []) if m not in known]
     if unknown:
-        raise ConfigError(f"suite {suite['name']}: unknown method '{unknown[0]}': choose from {', '.join(METHODS)}")
+        raise ConfigError(f"suite {suite['name']}: unknown method '{unknown[0]}': choose from {', '.join(known)}, "
+                          "or define it in the suite's 'define'")
+    for task, ev in suite["eval"].items():
+        if task not in EVAL_TASKS:
+            raise ConfigError(f"suite {suite['name']}: eval: unknown evaluation set '{task}': choose from {', '.join(EVAL_TASKS)}")
+    if "source_dev" in suite["eval"] and not suite["train"].get("dev_examples"):
+        raise ConfigError(f"suite {suite['name']}: eval.source_dev scores the source dev hold-out, but train.dev_examples is 0: "
+                          "set it to the number of source questions to hold out")
     suite.setdefault("prompt_tokens", 20)
     return suite
+
+
+def suite_methods(suite: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The methods a suite can name: METHODS and the variants its 'define' adds."""
+    return {**METHODS, **suite.get("define", {})}
+
+
+_VARIANT_KEYS = ("like", "overrides", "lr", "about")
+
+
+def _defined_methods(suite: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A suite's own methods: `define: {name: {like: <method>, overrides: [key=value, ...], lr: <float>, about: <text>}}`,
+    each a variant of a method (its overrides appended, or another learning rate), e.g. the tuning grid of a recipe.
+    A variant is reported as an ablation of the method it is like ('change' says what differs)."""
+    from dsxfer.config import load_config
+
+    name, defined = suite["name"], suite.get("define") or {}
+    if not isinstance(defined, dict):
+        raise ConfigError(f"suite {name}: 'define' maps method names to {{like, overrides, lr, about}}, not a {type(defined).__name__}")
+    out = {}
+    for method, d in defined.items():
+        where = f"suite {name}: define.{method}"
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(method)):
+            raise ConfigError(f"{where}: a method name is letters, digits and _ . + - only (it names the cell folders)")
+        if method in METHODS:
+            raise ConfigError(f"{where}: '{method}' is a built-in method; give the variant a name of its own")
+        if not isinstance(d, dict) or d.get("like") not in METHODS:
+            raise ConfigError(f"{where}: field 'like' names the method it varies: one of {', '.join(METHODS)}")
+        extra = [k for k in d if k not in _VARIANT_KEYS]
+        if extra:
+            raise ConfigError(f"{where}: unknown field '{extra[0]}': a variant has {', '.join(_VARIANT_KEYS)}")
+        base, overrides = METHODS[d["like"]], d.get("overrides") or []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ConfigError(f"{where}: 'overrides' is a list of key=value config overrides, e.g. [alignment.weight=0.25]")
+        if overrides and base["kind"] != "dsxfer":
+            raise ConfigError(f"{where}: {d['like']} is a peer (PEFT + the HF Trainer): a variant of it can change its lr only")
+        try:
+            lr = float(d.get("lr", base["lr"]))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: lr {d.get('lr')!r} is not a number") from None
+        if overrides:
+            load_config(None, list(base["overrides"]) + overrides)  # a bad key or value fails here, named by the config loader
+        change = ", ".join(([f"lr {lr:g}"] if "lr" in d else []) + overrides) or "(the same settings)"
+        out[method] = {"kind": base["kind"], "lr": lr, "overrides": list(base["overrides"]) + overrides, "ablation_of": d["like"],
+                       "change": change, "about": str(d.get("about") or f"{base['about']}, {change}")}
+    return out
 
 
 # ------------------------------------------------------------------------------------------- cells
@@ -178,7 +236,7 @@ def load_suite(name_or_path: str) -> dict[str, Any]:
 
 def _qa_overrides(suite: dict[str, Any], method: str, k: int, seed: int) -> list[str]:
     """The dsxfer config of a QA cell: the suite's budget and data, then the method's own overrides."""
-    t, targets = suite["train"], suite["targets"]
+    t, targets, methods = suite["train"], suite["targets"], suite_methods(suite)
     shot_langs = [lang for lang in targets if lang in MLQA_LANGS]
     steps = t["steps"]
     out = [f"name={method}", f"model.max_length={t['max_length']}", f"model.doc_stride={t['stride']}",
@@ -194,8 +252,8 @@ def _qa_overrides(suite: dict[str, Any], method: str, k: int, seed: int) -> list
            f"train.max_steps={steps}", f"train.warmup_steps={max(0, round(t['warmup'] * steps))}", "train.scheduler=linear",
            f"train.micro_batch_size={t['batch']}", "train.grad_accum=1", f"train.log_every={max(1, steps // 10)}",
            "train.eval_every=0", "train.save_every=0", "train.keep_last=1", f"train.seed={seed}", "train.tensorboard=false",
-           "train.overwrite=true", f"train.lr={METHODS[method]['lr']}"]
-    return out + list(METHODS[method]["overrides"]) + list(suite.get("overrides", []))
+           "train.overwrite=true", f"train.lr={methods[method]['lr']}"]
+    return out + list(methods[method]["overrides"]) + list(suite.get("overrides", []))
 
 
 def _pawsx_overrides(suite: dict[str, Any], method: str, k: int, seed: int) -> list[str]:
@@ -213,13 +271,13 @@ def _pawsx_overrides(suite: dict[str, Any], method: str, k: int, seed: int) -> l
 def grid_cells(suite: dict[str, Any]) -> list[dict[str, Any]]:
     """Every cell of the suite, in the order they run: per seed, then k, then method (so a stopped grid has
     whole seeds of every method rather than every seed of a few methods)."""
-    cells = []
+    cells, methods_of = [], suite_methods(suite)
     tasks = [("qa", suite["methods"])] + ([("pawsx", suite["pawsx"]["methods"])] if suite.get("pawsx") else [])
     for seed in suite["seeds"]:
         for k in suite["k"]:
             for task, methods in tasks:
                 for method in methods:
-                    kind = METHODS[method]["kind"]
+                    kind = methods_of[method]["kind"]
                     if task == "pawsx" and kind != "dsxfer":
                         continue  # the peers are QA models
                     cell_id = f"{task}-{method}-k{k}-s{seed}"
@@ -230,8 +288,8 @@ def grid_cells(suite: dict[str, Any]) -> list[dict[str, Any]]:
                         evals = {"pawsx": {"langs": suite["pawsx"]["langs"], "max_examples": None}}
                         config, steps = _pawsx_overrides(suite, method, k, seed), suite["pawsx"]["steps"]
                     cells.append({"cell": cell_id, "task": task, "method": method, "kind": kind, "k": k, "seed": seed,
-                                  "lr": METHODS[method]["lr"], "about": METHODS[method]["about"].format(prompt_tokens=suite["prompt_tokens"]),
-                                  "ablation_of": METHODS[method].get("ablation_of"), "change": METHODS[method].get("change"),
+                                  "lr": methods_of[method]["lr"], "about": methods_of[method]["about"].format(prompt_tokens=suite["prompt_tokens"]),
+                                  "ablation_of": methods_of[method].get("ablation_of"), "change": methods_of[method].get("change"),
                                   "steps": steps, "prompt_tokens": suite["prompt_tokens"], "eval": evals, "suite": suite["name"],
                                   # the cell's whole dsxfer config (for a peer: the data and budget it shares with dsxfer)
                                   "config": config})
@@ -364,8 +422,12 @@ def run_grid(suite_name: str, out_dir: str | Path, *, device: str = "cpu", model
     out = Path(out_dir)
     cells = grid_cells(suite)
     todo, skipped = [], []
+    durations: dict[str, list[float]] = {}  # seconds per finished cell, by method: the ETAs (earlier cells count too)
     for spec in cells:
-        (skipped if finished_result(out / "cells" / spec["cell"], spec) else todo).append(spec)
+        done = finished_result(out / "cells" / spec["cell"], spec)
+        (skipped if done else todo).append(spec)
+        if done:
+            durations.setdefault(spec["method"], []).append(float(done["wall_s"]))
     say = (lambda *_: None) if quiet else (lambda text: print(text, flush=True))
     say(f"suite {suite['name']}: {len(cells)} cells ({len(suite['methods'])} methods x k {suite['k']} x seeds {suite['seeds']}"
         + (f" + PAWS-X {len(suite['pawsx']['methods'])} methods" if suite.get("pawsx") else "")
@@ -384,7 +446,6 @@ def run_grid(suite_name: str, out_dir: str | Path, *, device: str = "cpu", model
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "grid.json").write_text(json.dumps(grid, indent=1), encoding="utf-8")
     t0 = time.perf_counter()
-    durations: dict[str, list[float]] = {}
     ran, failed = [], []
     grid_bar = tqdm(total=len(todo), desc="grid", unit="cell", disable=quiet or not sys.stderr.isatty(), position=0, dynamic_ncols=True)
     for spec in todo:
@@ -491,12 +552,15 @@ def _dsxfer_features_per_s(run_dir: Path) -> float | None:
     return len(rates) / sum(1 / r for r in rates) if rates else None
 
 
-def _evaluate(spec: dict[str, Any], run_dir: Path, cell_dir: Path, predictor=None) -> dict[str, Any]:
+def _evaluate(spec: dict[str, Any], cfg, run_dir: Path, cell_dir: Path, predictor=None) -> dict[str, Any]:
     """run_eval on every evaluation set of the cell; the rows the run trained on (its shots) are left out and counted."""
     from dsxfer.evaluation.evaluate import run_eval
 
     scores = {}
     for task, ev in spec["eval"].items():
+        if task == "source_dev":
+            scores[task] = _source_dev_scores(cfg, run_dir, cell_dir / "eval" / task, predictor, ev.get("max_examples"))
+            continue
         doc = run_eval(task, ev["langs"], run_dir=str(run_dir), predictor=predictor, max_examples=ev.get("max_examples"),
                        output_dir=cell_dir / "eval" / task, batch_size=32, seed=0, progress=False)
         per_lang = {}
@@ -506,6 +570,35 @@ def _evaluate(spec: dict[str, Any], run_dir: Path, cell_dir: Path, predictor=Non
             per_lang[r["lang"]] = kept
         scores[task] = per_lang
     return scores
+
+
+def _source_dev_scores(cfg, run_dir: Path, out_dir: Path, predictor, max_examples: int | None) -> dict[str, Any]:
+    """EM/F1 on the run's source dev hold-out (source_dev_ids.json: source questions it never trained on), drawn
+    again by the code that drew it for training and checked against the run's record; predictions and scores.json
+    go to out_dir like run_eval's."""
+    from dsxfer.data.build import training_rows
+    from dsxfer.evaluation.evaluate import evaluate_qa, load_predictor
+
+    recorded = json.loads((run_dir / "source_dev_ids.json").read_text(encoding="utf-8"))
+    dev = sorted(training_rows(cfg).dev, key=lambda ex: ex.id)
+    if sorted({ex.id for ex in dev}) != sorted(set(recorded)):
+        raise DsxferError(f"{run_dir / 'source_dev_ids.json'}: the run held out other source questions than the config draws now "
+                          "(was the data folder changed?); run the cell again")
+    if max_examples is not None:
+        dev = dev[:max_examples]
+    predictor = predictor or load_predictor("qa", run_dir=str(run_dir))
+    lang = cfg.data.source_lang
+    preds, scores = evaluate_qa(predictor.predict, predictor.tokenizer, dev, lang=lang, metric="squad", max_length=cfg.model.max_length,
+                                doc_stride=cfg.model.doc_stride, reserved_tokens=predictor.reserved_tokens, batch_size=32, progress=False)
+    data = f"{cfg.data.train_task} {lang} train: the source dev hold-out ({len(dev)} questions, never trained on)"
+    result = {**{k: round(v, 4) for k, v in scores.items()}, "n_examples": len(dev), "data": data, "excluded": 0}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"predictions_{lang}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=1), encoding="utf-8")
+    (out_dir / "scores.json").write_text(json.dumps({"method": predictor.method, "task": "source_dev", "run_dir": str(run_dir),
+                                                     "results": [{"task": "source_dev", "lang": lang, "metric": "squad", **result,
+                                                                  "predictions": f"predictions_{lang}.json"}]},
+                                                    ensure_ascii=False, indent=1), encoding="utf-8")
+    return {lang: result}
 
 
 def run_cell(cell_dir: Path) -> dict[str, Any]:
@@ -531,7 +624,7 @@ def run_cell(cell_dir: Path) -> dict[str, Any]:
                    "train_s": train_s, "stopped": summary["stopped"]}
         _phase(cell_dir, "evaluating")
         t = time.perf_counter()
-        scores = _evaluate(spec, run_dir, cell_dir)
+        scores = _evaluate(spec, cfg, run_dir, cell_dir)
         trained["eval_s"] = time.perf_counter() - t
         config = cfg.to_dict()
     else:
@@ -571,7 +664,7 @@ def _run_peer(spec: dict[str, Any], cfg, model_path: str | None, device: str, ru
     predictor = peer_predictor(peer["model"], peer["tokenizer"], peer["n_virtual"], name=spec["method"], model_name=path,
                                max_length=cfg.model.max_length, doc_stride=cfg.model.doc_stride)
     t = time.perf_counter()
-    scores = _evaluate(spec, run_dir, cell_dir, predictor)
+    scores = _evaluate(spec, cfg, run_dir, cell_dir, predictor)
     eval_s = time.perf_counter() - t
     trained = {"eval_s": eval_s, "steps": peer["steps"], "features": peer["windows"], "features_per_s": peer["features_per_s"], "train_s": peer["train_s"],
                "trainable_params": peer["trainable_params"]}

@@ -263,15 +263,17 @@ def test_report_of_a_results_folder_without_finished_cells(tmp_path):
 
 def test_every_cell_of_every_suite_is_a_valid_config_and_a_dry_run_writes_nothing(tmp_path):
     from dsxfer.config import load_config
-    from dsxfer.reproduce import METHODS, SUITES, grid_cells, load_suite, run_grid
+    from dsxfer.reproduce import METHODS, SUITES, grid_cells, load_suite, run_grid, suite_methods
 
-    for name in SUITES:
+    files = sorted(str(p) for p in (REPO / "docs" / "results").glob("*/*.yaml"))  # the committed suites of the results
+    assert any(f.endswith("tune/tune.yaml") for f in files)
+    for name in [*SUITES, *files]:
         suite = load_suite(name)
         cells = grid_cells(suite)
         assert len(cells) == len({c["cell"] for c in cells})
         for c in [c for c in cells if c["seed"] == suite["seeds"][0]]:  # seeds differ only in train.seed
             cfg = load_config(None, c["config"] + [f"train.output_dir={tmp_path / 'x'}"])
-            assert cfg.train.seed == c["seed"] and cfg.data.k_shot == c["k"] and cfg.train.lr == METHODS[c["method"]]["lr"]
+            assert cfg.train.seed == c["seed"] and cfg.data.k_shot == c["k"] and cfg.train.lr == suite_methods(suite)[c["method"]]["lr"]
     small = load_suite("small")
     assert {"peft_lora", "peft_prompt", "dsxfer_lora"} <= set(small["methods"]) and len(small["methods"]) >= 4
     assert small["k"] == [0, 32] and len(small["seeds"]) == 3 and all(ev["max_examples"] >= 300 for ev in small["eval"].values())
@@ -295,3 +297,82 @@ def test_a_results_folder_in_use_by_another_grid_is_refused(tmp_path):
     assert r.stderr.strip() == (f"dsxfer: error: reproduce: results folder {out} is in use by pid 4242 (started 2026-12-01 10:00:00): "
                                 "wait for that grid to end, or choose another --out")
     assert not (out / "grid.json").exists() and not (out / "tiny-model").exists()
+
+
+TUNE_SUITE = """\
+about: tuning on the source dev hold-out (tiny model)
+model: tiny
+methods: [dsxfer_lora, dsxfer_lora_lr4, peft_prompt]
+define:
+  dsxfer_lora_lr4: {like: dsxfer_lora, lr: 4.0e-3}
+k: [0]
+seeds: [1]
+targets: [de]
+train: {questions: 40, dev_examples: 10, max_length: 128, stride: 32, steps: 4, batch: 4, warmup: 0.25, alignment_pairs: 32}
+eval:
+  source_dev: {max_examples: 6}
+  xquad: {langs: [de], max_examples: 4}
+prompt_tokens: 4
+"""
+
+
+def test_a_suite_defines_variants_and_scores_the_source_dev_hold_out(tmp_path):
+    """A suite file of the shape a tuning grid has: a variant of dsxfer_lora defined in the file, scored (with the
+    built-in method and a peer) on the source dev hold-out, reported as a variant of the method it is like."""
+    from dsxfer.data.tasks import load_task
+    from dsxfer.evaluation.metrics import qa_scores
+
+    suite_file = tmp_path / "tune.yaml"
+    suite_file.write_text(TUNE_SUITE)
+    out = tmp_path / "tune"
+    r = subprocess.run([*CLI, "reproduce", "--suite", str(suite_file), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                       env=_env(), timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    gold = {ex.id: ex.answers for ex in load_task("tydiqa", "en", "train").items}
+    f1 = {}
+    for method in ("dsxfer_lora", "dsxfer_lora_lr4", "peft_prompt"):
+        cell = out / "cells" / f"qa-{method}-k0-s1"
+        doc = json.loads((cell / "result.json").read_text())
+        dev_ids = sorted(json.loads((cell / "run" / "source_dev_ids.json").read_text()))
+        assert len(dev_ids) == 10 and not set(dev_ids) & set(_ids(cell / "run" / "train_rows.json"))
+        scored = doc["scores"]["source_dev"]["en"]
+        predictions = json.loads((cell / "eval" / "source_dev" / "predictions_en.json").read_text())
+        assert sorted(predictions) == dev_ids[:6] and scored["n_examples"] == 6
+        hand = qa_scores({i: gold[i] for i in predictions}, predictions, "squad", "en")
+        assert math.isclose(scored["f1"], hand["f1"], abs_tol=1e-4) and math.isclose(scored["exact_match"], hand["exact_match"], abs_tol=1e-4)
+        assert set(doc["scores"]["xquad"]) == {"de"}
+        f1[method] = scored["f1"]
+    variant = json.loads((out / "cells" / "qa-dsxfer_lora_lr4-k0-s1" / "result.json").read_text())
+    assert variant["config"]["train"]["lr"] == 4e-3 and variant["spec"]["ablation_of"] == "dsxfer_lora"
+
+    r = subprocess.run([*CLI, "report", str(out), "-o", str(out / "report")], capture_output=True, text=True, cwd=REPO, env=_env(),
+                       timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "report" / "report.json").read_text())
+    row = next(a for a in doc["ablation"] if a["task"] == "source_dev" and a["method"] == "dsxfer_lora_lr4")
+    assert row["of"] == "en (source)" and row["change"] == "lr 0.004" and row["n_runs"] == 1
+    assert math.isclose(row["delta"], f1["dsxfer_lora_lr4"] - f1["dsxfer_lora"], abs_tol=1e-3)
+    assert (out / "report" / "source_dev_f1_k0_bars.png").is_file()
+    assert not (out / "report" / "source_dev_f1_vs_k.png").exists()  # no target average to draw against k
+
+
+@pytest.mark.parametrize("define, message", [
+    ({"lora_x": {"like": "lora"}}, "suite s: define.lora_x: field 'like' names the method it varies: one of peft_lora"),
+    ({"dsxfer_lora": {"like": "dsxfer_lora"}}, "suite s: define.dsxfer_lora: 'dsxfer_lora' is a built-in method"),
+    ({"p": {"like": "peft_lora", "overrides": ["alignment.weight=1"]}},
+     "suite s: define.p: peft_lora is a peer (PEFT + the HF Trainer): a variant of it can change its lr only"),
+    ({"v": {"like": "lora_recipe", "overrides": ["alignment.wieght=1"]}}, "alignment.wieght"),
+    ({"v": {"like": "lora_recipe", "lr": "fast"}}, "suite s: define.v: lr 'fast' is not a number"),
+    ({"v": {"like": "lora_recipe", "seed": 3}}, "suite s: define.v: unknown field 'seed'"),
+])
+def test_bad_variant_definitions_are_named(define, message, tmp_path):
+    import yaml
+
+    from dsxfer.errors import ConfigError
+    from dsxfer.reproduce import SUITES, load_suite
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**SUITES["tiny"], "define": define}))
+    with pytest.raises(ConfigError) as e:
+        load_suite(str(path))
+    assert message in str(e.value)

@@ -654,7 +654,8 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path, *, plot
 
 GRID_FILE = "grid.json"
 _CELL_KEYS = ("cell", "method", "task", "k", "seed", "scores", "train", "peak_rss_mb", "wall_s")
-TASK_DISPLAY = {"xquad": "XQuAD", "mlqa": "MLQA dev", "pawsx": "PAWS-X dev (held-out rows)"}
+TASK_DISPLAY = {"xquad": "XQuAD", "mlqa": "MLQA dev", "pawsx": "PAWS-X dev (held-out rows)",
+                "source_dev": "the source dev hold-out (source training questions never trained on)"}
 
 
 def is_results_folder(path: str | Path) -> bool:
@@ -742,23 +743,27 @@ def target_avg_by_cell(rows: list[dict[str, Any]], task: str, metric: str, targe
 
 
 def ablation_rows(cells: Sequence[dict[str, Any]], rows: list[dict[str, Any]], tables: dict[int, list[Table]]) -> list[dict[str, Any]]:
-    """Each ablation cell group against the method it ablates: target-average mean, std, n and the difference of the means."""
+    """Each ablation (or tuning variant) cell group against the method it varies: mean, std, n and the difference of
+    the means, of the target average (a table without targets, such as the source dev hold-out: of the source)."""
     ablates = {c["method"]: c["spec"].get("ablation_of") for c in cells if c.get("spec", {}).get("ablation_of")}
     out = []
     for k, ts in tables.items():
         for t in ts:
             if t.metric not in ("f1", "accuracy"):
                 continue
+            stats = t.avg if t.targets else {m: t.cells[(m, t.source)] for m in t.methods if (m, t.source) in t.cells}
+            of_what = "target avg" if t.targets else f"{t.source} (source)"
             for base in dict.fromkeys(ablates.values()):
-                if base not in t.avg:
+                if base not in stats:
                     continue
-                b = t.avg[base]
-                out.append({"task": t.task, "metric": t.metric, "k": k, "method": base, "change": "(the full method)", **b, "delta": 0.0})
+                b = stats[base]
+                out.append({"task": t.task, "metric": t.metric, "k": k, "method": base, "change": "(the method itself)", "of": of_what,
+                            **b, "delta": 0.0})
                 for m, of in ablates.items():
-                    if of == base and m in t.avg:
-                        out.append({"task": t.task, "metric": t.metric, "k": k, "method": m,
+                    if of == base and m in stats:
+                        out.append({"task": t.task, "metric": t.metric, "k": k, "method": m, "of": of_what,
                                     "change": next(c["spec"].get("change") for c in cells if c["method"] == m),
-                                    **t.avg[m], "delta": t.avg[m]["mean"] - b["mean"]})
+                                    **stats[m], "delta": stats[m]["mean"] - b["mean"]})
     return out
 
 
@@ -815,10 +820,10 @@ def k_curve_figure(rows: list[dict[str, Any]], task: str, metric: str, targets: 
 
 def _ablation_markdown(abl: list[dict[str, Any]]) -> str:
     if not abl:
-        return "No ablation cells in this folder (a suite with recipe_* methods has them).\n"
-    lines = ["| task | k | method | change | n | target avg (mean ± std, min) | difference of the means |", "|---|---|---|---|---|---|---|"]
+        return "No ablation cells in this folder (a suite with recipe_* methods or its own variants has them).\n"
+    lines = ["| task | k | method | change | n | of | mean ± std (min) | difference of the means |", "|---|---|---|---|---|---|---|---|"]
     for a in abl:
-        lines.append(f"| {a['task']} | {a['k']} | {a['method']} | {a['change']} | {a['n_runs']} | {_cell(a)} | {a['delta']:+.1f} |")
+        lines.append(f"| {a['task']} | {a['k']} | {a['method']} | {a['change']} | {a['n_runs']} | {a['of']} | {_cell(a)} | {a['delta']:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -872,7 +877,7 @@ def write_grid_report(results_dir: str | Path, output_dir: str | Path, *, plots:
                     fig.savefig(images[-1], dpi=100)
                     plt.close(fig)
         for t in tables[max(tables)]:
-            if t.metric in ("f1", "accuracy"):
+            if t.metric in ("f1", "accuracy") and t.targets:  # the curves are of the target average
                 methods = [m for m in order if any(r["method"] == m for r in rows)] or t.methods
                 for std_only, kind in ((False, "vs_k"), (True, "std_vs_k")):
                     fig = k_curve_figure(rows, t.task, t.metric, t.targets, methods, std_only=std_only)
@@ -900,7 +905,7 @@ def write_grid_report(results_dir: str | Path, output_dir: str | Path, *, plots:
         for t in ts:
             md.append(table_markdown(t))
             md.append(questions_note(rows, t.task, k) + "\n")
-    md += ["### Ablations (target average)\n", _ablation_markdown(abl), "### Cost per cell\n", _efficiency_markdown(eff)]
+    md += ["### Ablations and variants\n", _ablation_markdown(abl), "### Cost per cell\n", _efficiency_markdown(eff)]
     text = "\n".join(md)
     (out / "report.md").write_text(text + ("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n" if images else ""),
                                    encoding="utf-8")
