@@ -38,6 +38,9 @@ class ModelConfig:
     max_length: int = _f(256, "maximum tokens per feature, soft-prompt virtual tokens included", gt=0)
     doc_stride: int = _f(64, "overlap in tokens between windows of a long QA context", ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the frozen backbone weights")
+    head_init: Literal["torch", "normal"] = _f(
+        "torch", "task head initialisation: torch's Linear default (uniform, +-1/sqrt(hidden)), or N(0, the backbone config's "
+                 "initializer_range) with zero bias, as transformers' AutoModelFor* heads start")
     activation_cache: Literal["auto", "disabled"] = _f(
         "auto", "auto: when the layers below the first trainable or prompted one are frozen (encoders), compute their output "
                 "once per input row and run only the layers above it per step; disabled: always run the whole backbone")

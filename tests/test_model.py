@@ -188,3 +188,24 @@ def test_merged_lora_gives_the_unmerged_outputs():
     for key in ("start_logits", "end_logits"):
         torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-5)
     assert TransferModel(tiny_backbone("xlm-roberta"), config()).merge_lora() == 0
+
+
+@pytest.mark.parametrize("task", ["qa", "classification"])
+def test_head_init_normal_follows_the_backbone_initializer_range(task):
+    """model.head_init=normal starts the head as transformers' task models do (N(0, initializer_range), zero bias);
+    the default keeps torch's Linear initialisation (uniform within 1/sqrt(hidden), a nonzero bias)."""
+    backbone = tiny_backbone("xlm-roberta")
+    backbone.config.initializer_range = 0.3  # far from both defaults, so the test tells them apart
+    hidden = backbone.config.hidden_size
+    torch.manual_seed(0)
+    normal = TransferModel(backbone, config(f"model.task={task}", "model.head_init=normal"))
+    torch.manual_seed(0)
+    default = TransferModel(tiny_backbone("xlm-roberta"), config(f"model.task={task}"))
+    for head, kind in ((normal.head, "normal"), (default.head, "torch")):
+        linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        weights = torch.cat([m.weight.flatten() for m in linears])
+        assert weights.numel() >= 64
+        if kind == "normal":
+            assert abs(weights.std().item() - 0.3) < 0.06 and all(torch.count_nonzero(m.bias) == 0 for m in linears)
+        else:
+            assert weights.abs().max().item() <= 1 / hidden ** 0.5 + 1e-6 and any(torch.count_nonzero(m.bias) > 0 for m in linears)

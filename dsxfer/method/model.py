@@ -149,6 +149,12 @@ class TransferModel(nn.Module):
             self.head = QAHead(hidden)
         else:
             self.head = ClassificationHead(hidden, config.model.num_labels)
+        if config.model.head_init == "normal":  # transformers' _init_weights for the Linear layers of a task head
+            std = float(getattr(backbone.config, "initializer_range", 0.02))
+            for layer in self.head.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=std)
+                    nn.init.zeros_(layer.bias)
 
         # The teacher cache exists with the alignment loss off too: the probe cosines of the training log
         # compare against the same teacher vectors. Only the alignment loss keeps them on disk.
