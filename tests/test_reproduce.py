@@ -74,6 +74,9 @@ def test_a_killed_grid_continues_and_a_finished_grid_skips_every_cell(tiny_resul
     for cell, text in tiny_results["before"].items():  # finished cells were not run again
         assert (out / "cells" / cell / "result.json").read_text() == text
     assert not (out / "cells" / CELLS[2] / "run" / "checkpoints" / "step-00000099").exists()  # the killed cell started over
+    # the continued grid's ETAs count the cells the first grid finished (a dsxfer_lora cell among them)
+    first_line = next(line for line in second.stdout.splitlines() if line.startswith(f"cell {CELLS[2]}: "))
+    assert "cell ETA" in first_line, first_line
     assert again.returncode == 0, again.stderr[-2000:]
     assert "4 finished earlier (skipped), 0 to run" in again.stdout and "ran 0, skipped 4" in again.stdout, again.stdout
     assert tiny_results["again_s"] < 60
