@@ -187,7 +187,12 @@ def test_ablation_table_and_k_curves_from_hand_made_cells(tmp_path):
         for seed in range(3):
             _cell(results, "recipe", k, seed + 1, full[k][seed])
             _cell(results, "recipe_no_alignment", k, seed + 1, no_align[k][seed], ablation_of="recipe", change="without alignment")
+    # the grid lists the recipe's cells and one more that never ran; the ablation cells came from another grid
+    expected = [f"qa-recipe-k{k}-s{s}" for k in (0, 8) for s in (1, 2, 3)] + ["qa-recipe-k32-s1"]
+    (results / "grid.json").write_text(json.dumps({"suite": {"name": "hand"}, "cells": expected}))
     out = write_grid_report(results, tmp_path / "report")
+    assert ("6 of 7 cells finished (not finished: qa-recipe-k32-s1), and 6 more cells of other grids in this folder "
+            "(qa-recipe_no_alignment-k0-s1, ") in out["markdown"]
     abl = {(a["k"], a["method"]): a for a in out["ablation"] if a["task"] == "xquad" and a["metric"] == "f1"}
     for k in (0, 8):
         base = statistics.mean(sum(p) / 2 for p in full[k])

@@ -889,12 +889,15 @@ def write_grid_report(results_dir: str | Path, output_dir: str | Path, *, plots:
     expected = grid.get("cells", [])
     done = {c["cell"] for c in cells}
     unfinished = [c for c in expected if c not in done]
+    extra = sorted(done - set(expected)) if expected else []  # e.g. ablation cells run into the suite's folder
     name = suite.get("name", results.name)
     abouts = {c["method"]: c["spec"].get("about", c["method"]) for c in cells}
     md = [f"## dsxfer reproduce: suite {name}\n",
           (suite.get("about", "") + ". " if suite.get("about") else "")
-          + f"{len(cells)} of {len(expected) or len(cells)} cells finished"
+          + (f"{len(expected) - len(unfinished)} of {len(expected)} cells finished" if expected else f"{len(cells)} cells finished")
           + (f" (not finished: {', '.join(unfinished[:6])}{' ...' if len(unfinished) > 6 else ''})" if unfinished else "")
+          + (f", and {len(extra)} more cells of other grids in this folder ({', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''})"
+             if extra else "")
           + f"; wall time of the finished cells {sum(c['wall_s'] for c in cells) / 60:.1f} min"
           + (f" on {grid['device']}" if grid.get("device") else "") + ".\n",
           "Source: TyDi QA GoldP English train minus the source dev hold-out; k target shots per language from MLQA dev, "
