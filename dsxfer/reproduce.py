@@ -575,9 +575,10 @@ def _evaluate(spec: dict[str, Any], cfg, run_dir: Path, cell_dir: Path, predicto
 def _source_dev_scores(cfg, run_dir: Path, out_dir: Path, predictor, max_examples: int | None) -> dict[str, Any]:
     """EM/F1 on the run's source dev hold-out (source_dev_ids.json: source questions it never trained on), drawn
     again by the code that drew it for training and checked against the run's record; predictions and scores.json
-    go to out_dir like run_eval's."""
+    go to out_dir like run_eval's. A dsxfer run scored the whole hold-out at its kept step (<run>/source_dev/):
+    those files are taken as they are rather than scored a second time."""
     from dsxfer.data.build import training_rows
-    from dsxfer.evaluation.evaluate import evaluate_qa, load_predictor
+    from dsxfer.evaluation.evaluate import SOURCE_DEV_DIR, evaluate_qa, load_predictor, write_source_dev
 
     recorded = json.loads((run_dir / "source_dev_ids.json").read_text(encoding="utf-8"))
     dev = sorted(training_rows(cfg).dev, key=lambda ex: ex.id)
@@ -586,19 +587,19 @@ def _source_dev_scores(cfg, run_dir: Path, out_dir: Path, predictor, max_example
                           "(was the data folder changed?); run the cell again")
     if max_examples is not None:
         dev = dev[:max_examples]
-    predictor = predictor or load_predictor("qa", run_dir=str(run_dir))
-    lang = cfg.data.source_lang
-    preds, scores = evaluate_qa(predictor.predict, predictor.tokenizer, dev, lang=lang, metric="squad", max_length=cfg.model.max_length,
-                                doc_stride=cfg.model.doc_stride, reserved_tokens=predictor.reserved_tokens, batch_size=32, progress=False)
-    data = f"{cfg.data.train_task} {lang} train: the source dev hold-out ({len(dev)} questions, never trained on)"
-    result = {**{k: round(v, 4) for k, v in scores.items()}, "n_examples": len(dev), "data": data, "excluded": 0}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"predictions_{lang}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=1), encoding="utf-8")
-    (out_dir / "scores.json").write_text(json.dumps({"method": predictor.method, "task": "source_dev", "run_dir": str(run_dir),
-                                                     "results": [{"task": "source_dev", "lang": lang, "metric": "squad", **result,
-                                                                  "predictions": f"predictions_{lang}.json"}]},
-                                                    ensure_ascii=False, indent=1), encoding="utf-8")
-    return {lang: result}
+    lang, trained = cfg.data.source_lang, run_dir / SOURCE_DEV_DIR
+    written = json.loads((trained / "scores.json").read_text(encoding="utf-8")) if (trained / "scores.json").is_file() else None
+    if written is not None and written["results"][0]["n_examples"] == len(dev) == len(recorded):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("scores.json", written["results"][0]["predictions"]):
+            shutil.copyfile(trained / name, out_dir / name)
+        result = written["results"][0]
+    else:
+        predictor = predictor or load_predictor("qa", run_dir=str(run_dir))
+        preds, scores = evaluate_qa(predictor.predict, predictor.tokenizer, dev, lang=lang, metric="squad", max_length=cfg.model.max_length,
+                                    doc_stride=cfg.model.doc_stride, reserved_tokens=predictor.reserved_tokens, batch_size=32, progress=False)
+        result = write_source_dev(out_dir, cfg, dev, preds, scores, method=predictor.method, run_dir=str(run_dir))
+    return {lang: {**{k: result[k] for k in ("f1", "exact_match", "n_examples", "data")}, "excluded": 0}}
 
 
 def run_cell(cell_dir: Path) -> dict[str, Any]:

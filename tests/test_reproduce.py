@@ -318,7 +318,7 @@ seeds: [1]
 targets: [de]
 train: {questions: 40, dev_examples: 10, max_length: 128, stride: 32, steps: 4, batch: 4, warmup: 0.25, alignment_pairs: 32}
 eval:
-  source_dev: {max_examples: 6}
+  source_dev: {max_examples: 10}
   xquad: {langs: [de], max_examples: 4}
 prompt_tokens: 4
 """
@@ -345,11 +345,15 @@ def test_a_suite_defines_variants_and_scores_the_source_dev_hold_out(tmp_path):
         assert len(dev_ids) == 10 and not set(dev_ids) & set(_ids(cell / "run" / "train_rows.json"))
         scored = doc["scores"]["source_dev"]["en"]
         predictions = json.loads((cell / "eval" / "source_dev" / "predictions_en.json").read_text())
-        assert sorted(predictions) == dev_ids[:6] and scored["n_examples"] == 6
+        assert sorted(predictions) == dev_ids and scored["n_examples"] == 10
         hand = qa_scores({i: gold[i] for i in predictions}, predictions, "squad", "en")
         assert math.isclose(scored["f1"], hand["f1"], abs_tol=1e-4) and math.isclose(scored["exact_match"], hand["exact_match"], abs_tol=1e-4)
         assert set(doc["scores"]["xquad"]) == {"de"}
         f1[method] = scored["f1"]
+        # a dsxfer run scored the whole hold-out at its kept step (4): the cell takes those files, no second pass;
+        # the peer's Trainer scores no dev set, so its cell scores it
+        step = json.loads((cell / "eval" / "source_dev" / "scores.json").read_text()).get("step")
+        assert step == (None if method == "peft_prompt" else 4), (method, step)
     variant = json.loads((out / "cells" / "qa-dsxfer_lora_lr4-k0-s1" / "result.json").read_text())
     assert variant["config"]["train"]["lr"] == 4e-3 and variant["spec"]["ablation_of"] == "dsxfer_lora"
 
@@ -362,6 +366,30 @@ def test_a_suite_defines_variants_and_scores_the_source_dev_hold_out(tmp_path):
     assert math.isclose(row["delta"], f1["dsxfer_lora_lr4"] - f1["dsxfer_lora"], abs_tol=1e-3)
     assert (out / "report" / "source_dev_f1_k0_bars.png").is_file()
     assert not (out / "report" / "source_dev_f1_vs_k.png").exists()  # no target average to draw against k
+
+
+def test_a_source_dev_subset_is_scored_again_from_the_kept_weights(tmp_path):
+    """max_examples below the hold-out: the subset is scored from the run's saved weights, and each prediction
+    equals the one training wrote for that question when it kept those weights."""
+    from dsxfer.config import load_config
+    from dsxfer.reproduce import _source_dev_scores
+
+    suite_file = tmp_path / "tune.yaml"
+    suite_file.write_text(TUNE_SUITE.replace("methods: [dsxfer_lora, dsxfer_lora_lr4, peft_prompt]", "methods: [dsxfer_lora]")
+                          .replace("  xquad: {langs: [de], max_examples: 4}\n", ""))
+    out = tmp_path / "tune"
+    r = subprocess.run([*CLI, "reproduce", "--suite", str(suite_file), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                       env=_env(), timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cell = out / "cells" / "qa-dsxfer_lora-k0-s1"
+    doc = json.loads((cell / "cell.json").read_text())
+    cfg = load_config(None, doc["spec"]["config"] + [f"train.output_dir={cell / 'run'}", f"model.name_or_path={doc['model_path']}"])
+    subset = _source_dev_scores(cfg, cell / "run", tmp_path / "subset", None, 6)["en"]
+    again = json.loads((tmp_path / "subset" / "predictions_en.json").read_text())
+    kept = json.loads((cell / "run" / "source_dev" / "predictions_en.json").read_text())
+    assert subset["n_examples"] == 6 and sorted(again) == sorted(kept)[:6]
+    assert again == {i: kept[i] for i in again}
+    assert "step" not in json.loads((tmp_path / "subset" / "scores.json").read_text())  # scored here, not taken
 
 
 @pytest.mark.parametrize("define, message", [

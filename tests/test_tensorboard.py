@@ -23,7 +23,7 @@ def test_event_files_hold_every_scalar(tmp_path):
                    train={"max_steps": 6, "log_every": 2, "eval_every": 3, "tensorboard": True,
                           "warmup_steps": 2, "scheduler": "linear"})
     run_training(cfg, tiny_model(cfg), TrainData(task=qa_data(), align=align, align_probes=probes,
-                                                dev_eval=lambda m: {"f1": 10.0, "exact_match": 5.0}), quiet=True)
+                                                dev_eval=lambda m: ({}, {"f1": 10.0, "exact_match": 5.0})), quiet=True)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -91,7 +92,8 @@ def test_early_stopping_uses_the_dev_callable(tmp_path):
 
     def dev_eval(module):
         calls.append(module.training)
-        return {"f1": next(scores), "exact_match": 0.0}
+        f1 = next(scores)
+        return {"q1": f"answer at f1 {f1}"}, {"f1": f1, "exact_match": 0.0}
 
     cfg = tiny_cfg(tmp_path, train={"max_steps": 10, "eval_every": 2, "early_stopping_patience": 2})
     summary = run_training(cfg, tiny_model(cfg), TrainData(task=qa_data(), dev_eval=dev_eval), quiet=True)
@@ -99,6 +101,10 @@ def test_early_stopping_uses_the_dev_callable(tmp_path):
     assert summary["best_dev"] == 50.0 and summary["best_step"] == 2
     assert (tmp_path / "trainable.safetensors").is_file()
     assert calls == [False, False, False]  # evaluated in eval mode
+    # the kept weights' dev predictions and scores are the best evaluation's (step 2), not the last one's
+    doc = json.loads((tmp_path / "source_dev" / "scores.json").read_text())
+    assert doc["step"] == 2 and doc["task"] == "source_dev" and doc["results"][0]["f1"] == 50.0
+    assert json.loads((tmp_path / "source_dev" / doc["results"][0]["predictions"]).read_text()) == {"q1": "answer at f1 50.0"}
 
 
 def test_demo_yaml_is_the_demo_method_run(tmp_path):

@@ -37,7 +37,7 @@ class TrainData:
     task: Batches | None                      # task features (source language + k target shots)
     align: Batches | None = None              # parallel pairs -> align_src_* / align_tgt_* / align_pair_ids
     align_probes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # lang -> fixed pair batch
-    dev_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None  # source dev set; "f1" or "accuracy"
+    dev_eval: Callable[[torch.nn.Module], tuple[dict, dict[str, float]]] | None = None  # source dev: (predictions, scores with "f1" or "accuracy")
     notes: list[str] = field(default_factory=list)         # what data assembly derived or dropped, for train.log
     skipped: list[dict[str, Any]] = field(default_factory=list)  # bad records left out: reason, count, example
     dev_examples: list = field(default_factory=list)       # the held-out source dev set (dev_eval scores it)

@@ -197,23 +197,44 @@ def transfer_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
     return predict
 
 
-def source_dev_evaluator(cfg, tokenizer: Any, examples: Sequence[Any], *, reserved_tokens: int) -> Callable[[Any], dict[str, float]]:
-    """evaluate(model) -> the scores of the held-out source-language dev set ({exact_match, f1} for QA,
-    {accuracy, majority_accuracy} for classification): what training's early stopping watches."""
+SOURCE_DEV_DIR = "source_dev"  # in a run folder: predictions + scores.json of the best source dev evaluation
+
+
+def source_dev_evaluator(cfg, tokenizer: Any, examples: Sequence[Any], *,
+                         reserved_tokens: int) -> Callable[[Any], tuple[dict[str, Any], dict[str, float]]]:
+    """evaluate(model) -> (predictions, scores) of the held-out source-language dev set: {id: answer text} and
+    {exact_match, f1} for QA, {id: label} and {accuracy, majority_accuracy} for classification. The scores
+    are what training's early stopping watches."""
     task, m = cfg.model.task, cfg.model
 
-    def evaluate(model) -> dict[str, float]:
+    def evaluate(model) -> tuple[dict[str, Any], dict[str, float]]:
         predict = transfer_predictor(model, task)
         if task == "qa":
-            _, scores = evaluate_qa(predict, tokenizer, examples, lang=cfg.data.source_lang, max_length=m.max_length,
-                                    doc_stride=m.doc_stride, reserved_tokens=reserved_tokens,
-                                    batch_size=cfg.eval.batch_size, progress=False)
-        else:
-            _, scores = evaluate_classification(predict, tokenizer, examples, lang=cfg.data.source_lang, max_length=m.max_length,
-                                                reserved_tokens=reserved_tokens, batch_size=cfg.eval.batch_size, progress=False)
-        return scores
+            return evaluate_qa(predict, tokenizer, examples, lang=cfg.data.source_lang, max_length=m.max_length,
+                               doc_stride=m.doc_stride, reserved_tokens=reserved_tokens,
+                               batch_size=cfg.eval.batch_size, progress=False)
+        return evaluate_classification(predict, tokenizer, examples, lang=cfg.data.source_lang, max_length=m.max_length,
+                                       reserved_tokens=reserved_tokens, batch_size=cfg.eval.batch_size, progress=False)
 
     return evaluate
+
+
+def write_source_dev(out_dir: str | Path, cfg, examples: Sequence[Any], predictions: dict[str, Any], scores: dict[str, float], *,
+                     method: str, run_dir: str, step: int | None = None) -> dict[str, Any]:
+    """The source dev hold-out's prediction file and scores.json in out_dir, as `dsxfer eval` writes a set's
+    (training writes them into <run>/source_dev/ at every dev evaluation that improves on the best, with its
+    step); returns the set's scores.json result."""
+    lang, qa = cfg.data.source_lang, cfg.model.task == "qa"
+    s = EvalSet("source_dev", lang, "squad" if qa else "accuracy", None, list(examples),
+                f"{cfg.data.train_task} {lang} train: the source dev hold-out ({len(examples)} {'questions' if qa else 'rows'}, never trained on)",
+                f"predictions_{lang}.json", {})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / s.predictions).write_text(json.dumps(predictions, ensure_ascii=False, indent=1), encoding="utf-8")
+    result = _result(s, scores)
+    doc = {"method": method, "run_dir": run_dir, "task": "source_dev", **({"step": step} if step is not None else {}), "results": [result]}
+    (out_dir / "scores.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
+    return result
 
 
 @dataclass

@@ -230,15 +230,20 @@ def _evaluate(run: Run, log: Log, last: bool) -> bool:
     t, state, module = run.cfg.train, run.state, run.engine.module
     if run.data.dev_eval is None or not ((t.eval_every and state.step % t.eval_every == 0) or last):
         return False
+    from dsxfer.evaluation.evaluate import SOURCE_DEV_DIR, write_source_dev
+
     module.eval()
     with torch.no_grad():
-        metrics = run.data.dev_eval(module)
+        predictions, metrics = run.data.dev_eval(module)
     run.engine.train()
     score = metrics.get("f1", metrics.get("accuracy"))
     log.scalars(state.step, {f"dev/{k}": v for k, v in metrics.items()})
     if state.best_score is None or score > state.best_score:
         state.best_score, state.best_step, state.evals_without_improvement = score, state.step, 0
         trainable.save(module, run.out_dir, run_name=run.out_dir.name)
+        if run.rank == 0:  # the kept weights' dev predictions and scores, so nobody needs to score them again
+            write_source_dev(run.out_dir / SOURCE_DEV_DIR, run.cfg, run.data.dev_examples, predictions, metrics,
+                             method=run.cfg.name, run_dir=str(run.out_dir), step=state.step)
     else:
         state.evals_without_improvement += 1
     log.line(f"step {state.step} | source dev {', '.join(f'{k} {v:.2f}' for k, v in metrics.items())}"
