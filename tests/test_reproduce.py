@@ -187,11 +187,12 @@ def test_ablation_table_and_k_curves_from_hand_made_cells(tmp_path):
         for seed in range(3):
             _cell(results, "recipe", k, seed + 1, full[k][seed])
             _cell(results, "recipe_no_alignment", k, seed + 1, no_align[k][seed], ablation_of="recipe", change="without alignment")
+    _cell(results, "recipe_w1", 0, 2, (35, 37), ablation_of="recipe", change="alignment.weight=1")  # one seed of the three
     # the grid lists the recipe's cells and one more that never ran; the ablation cells came from another grid
     expected = [f"qa-recipe-k{k}-s{s}" for k in (0, 8) for s in (1, 2, 3)] + ["qa-recipe-k32-s1"]
     (results / "grid.json").write_text(json.dumps({"suite": {"name": "hand"}, "cells": expected}))
     out = write_grid_report(results, tmp_path / "report")
-    assert ("6 of 7 cells finished (not finished: qa-recipe-k32-s1), and 6 more cells of other grids in this folder "
+    assert ("6 of 7 cells finished (not finished: qa-recipe-k32-s1), and 7 more cells of other grids in this folder "
             "(qa-recipe_no_alignment-k0-s1, ") in out["markdown"]
     abl = {(a["k"], a["method"]): a for a in out["ablation"] if a["task"] == "xquad" and a["metric"] == "f1"}
     for k in (0, 8):
@@ -201,8 +202,14 @@ def test_ablation_table_and_k_curves_from_hand_made_cells(tmp_path):
         assert math.isclose(a["mean"], statistics.mean(ablated)) and math.isclose(a["std"], statistics.stdev(ablated))
         assert math.isclose(a["delta"], statistics.mean(ablated) - base) and a["n_runs"] == 3
         assert a["change"] == "without alignment" and abl[(k, "recipe")]["delta"] == 0.0
+        assert math.isclose(a["paired_delta"], statistics.mean(x - sum(f) / 2 for x, f in zip(ablated, full[k]))) and a["paired_seeds"] == [1, 2, 3]
+    # a variant run on seed 2 only: the paired difference is against the method's seed 2 (34), not its 3-seed mean (32)
+    w1 = abl[(0, "recipe_w1")]
+    assert w1["n_runs"] == 1 and w1["paired_seeds"] == [2] and math.isclose(w1["paired_delta"], 36 - 34)
+    assert math.isclose(w1["delta"], 36 - statistics.mean(sum(p) / 2 for p in full[0]))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| xquad | 8 | recipe_no_alignment | without alignment | 3 |" in md
+    assert "| xquad | 0 | recipe_w1 | alignment.weight=1 | 1 | target avg | 36.0 | +4.0 | +2.0 (2) |" in md
     for name in ("xquad_f1_k0_bars.png", "xquad_f1_k8_bars.png", "xquad_f1_vs_k.png", "xquad_f1_std_vs_k.png"):
         assert (tmp_path / "report" / name).is_file()
 

@@ -742,9 +742,25 @@ def target_avg_by_cell(rows: list[dict[str, Any]], task: str, metric: str, targe
     return out
 
 
+def _by_seed(rows: list[dict[str, Any]], t: Table, k: int) -> dict[str, dict[int, float]]:
+    """method -> seed -> the value a table's ablation column compares (the target average, else the source)."""
+    per_cell: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r["task"] == t.task and r["metric"] == t.metric and r["k"] == k:
+            per_cell[(r["method"], r["seed"])][r["lang"]] = r["value"]
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    for (method, seed), values in per_cell.items():
+        v = target_average(values, t.targets) if t.targets else values.get(t.source)
+        if v is not None:
+            out[method][seed] = v
+    return out
+
+
 def ablation_rows(cells: Sequence[dict[str, Any]], rows: list[dict[str, Any]], tables: dict[int, list[Table]]) -> list[dict[str, Any]]:
     """Each ablation (or tuning variant) cell group against the method it varies: mean, std, n and the difference of
-    the means, of the target average (a table without targets, such as the source dev hold-out: of the source)."""
+    the means, of the target average (a table without targets, such as the source dev hold-out: of the source).
+    Where the two ran on different seeds the difference of the means mixes seed luck in, so each row also has the
+    paired difference: the mean of (variant - method) over the seeds both ran, and those seeds."""
     ablates = {c["method"]: c["spec"].get("ablation_of") for c in cells if c.get("spec", {}).get("ablation_of")}
     out = []
     for k, ts in tables.items():
@@ -753,17 +769,20 @@ def ablation_rows(cells: Sequence[dict[str, Any]], rows: list[dict[str, Any]], t
                 continue
             stats = t.avg if t.targets else {m: t.cells[(m, t.source)] for m in t.methods if (m, t.source) in t.cells}
             of_what = "target avg" if t.targets else f"{t.source} (source)"
+            seeds = _by_seed(rows, t, k)
             for base in dict.fromkeys(ablates.values()):
                 if base not in stats:
                     continue
                 b = stats[base]
                 out.append({"task": t.task, "metric": t.metric, "k": k, "method": base, "change": "(the method itself)", "of": of_what,
-                            **b, "delta": 0.0})
+                            **b, "delta": 0.0, "paired_delta": 0.0, "paired_seeds": sorted(seeds[base])})
                 for m, of in ablates.items():
                     if of == base and m in stats:
+                        both = sorted(set(seeds[m]) & set(seeds[base]))
+                        paired = sum(seeds[m][s] - seeds[base][s] for s in both) / len(both) if both else None
                         out.append({"task": t.task, "metric": t.metric, "k": k, "method": m, "of": of_what,
                                     "change": next(c["spec"].get("change") for c in cells if c["method"] == m),
-                                    **stats[m], "delta": stats[m]["mean"] - b["mean"]})
+                                    **stats[m], "delta": stats[m]["mean"] - b["mean"], "paired_delta": paired, "paired_seeds": both})
     return out
 
 
@@ -821,9 +840,12 @@ def k_curve_figure(rows: list[dict[str, Any]], task: str, metric: str, targets: 
 def _ablation_markdown(abl: list[dict[str, Any]]) -> str:
     if not abl:
         return "No ablation cells in this folder (a suite with recipe_* methods or its own variants has them).\n"
-    lines = ["| task | k | method | change | n | of | mean ± std (min) | difference of the means |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | k | method | change | n | of | mean ± std (min) | difference of the means | paired difference (seeds) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a in abl:
-        lines.append(f"| {a['task']} | {a['k']} | {a['method']} | {a['change']} | {a['n_runs']} | {a['of']} | {_cell(a)} | {a['delta']:+.1f} |")
+        paired = "-" if a["paired_delta"] is None else f"{a['paired_delta']:+.1f} ({', '.join(map(str, a['paired_seeds']))})"
+        lines.append(f"| {a['task']} | {a['k']} | {a['method']} | {a['change']} | {a['n_runs']} | {a['of']} | {_cell(a)} | {a['delta']:+.1f} "
+                     f"| {paired} |")
     return "\n".join(lines) + "\n"
 
 
