@@ -437,10 +437,11 @@ def bar_figure(t: Table):
     fig = plt.figure(figsize=(width_in, 4.8 + 0.35 * len(t.methods)), layout="constrained")
     ax = fig.add_subplot()
     bar_w = 0.8 / max(1, len(t.methods))
+    palette = plt.get_cmap("tab10" if len(t.methods) <= 10 else "tab20")  # the default cycle repeats after 10 methods
     for i, m in enumerate(t.methods):
         offsets = np.array(x) + i * bar_w - 0.4 + bar_w / 2
         ax.bar(offsets, [_mean(t, m, g) for g in groups], bar_w, yerr=error_bars(t, m, groups), capsize=3,
-               label=_wrap(f"{m} (n={t.n_runs[m]})", 90))
+               color=palette(i % palette.N), label=_wrap(f"{m} (n={t.n_runs[m]})", 90))
     if t.classification:
         _majority_line(ax, t, groups, x)
     if t.has_source and t.targets:
