@@ -9,8 +9,8 @@ on a Llama built here with Llama-3.2-1B's layer shapes (16 layers, hidden 2048, 
 heads, FFN 8192) and the embedded model's tokenizer (250k entries), with random weights: speed does
 not depend on what the weights are. The table gives what the training log measured over the timed
 windows (every log window after the first, which holds start-up and autotuning): samples/s, real
-tokens/s (task windows + alignment sentences), dsxfer's MFU estimate (what it counts is the log's
-"MFU counts" line, quoted under the table) and peak GPU memory (torch.cuda.max_memory_allocated).
+tokens/s (task windows + alignment sentences), dsxfer's MFU estimate (the log's set-up line, quoted under
+the table, says what it counts) and peak GPU memory (torch.cuda.max_memory_allocated).
 
     python bench/gpu_e2e.py               # CUDA; a few minutes on an H100/H200; appends its table to docs/PERF.md
     python bench/gpu_e2e.py --no-write    # print only
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,21 +80,16 @@ def build_model(folder: Path, tokenizer_dir: Path, shape: dict, device: str, dty
     return n
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(model_dir: Path, out: Path, overrides: list[str]) -> tuple[list[str], float]:
     """The user's command line, run to its end; returns it and its wall time. A failed run exits with its log."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(_free_port()),
+    from dsxfer.training.engine import free_port, launch_env
+
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
            "launchers/train.py", "--deepspeed", DS_CONFIG, "--config", str(CONFIG.relative_to(ROOT)),
            f"model.name_or_path={model_dir}", f"train.output_dir={out}", *overrides]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))}
     print("$ " + " ".join(["deepspeed", *cmd[1:]]), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"gpu_e2e: the training run failed (exit {proc.returncode}); its output ends:\n{proc.stdout[-4000:]}")
@@ -104,18 +97,18 @@ def launch(model_dir: Path, out: Path, overrides: list[str]) -> tuple[list[str],
 
 
 def read_log(train_log: Path) -> dict:
-    """The step lines of a training log: the timed windows (all but the first) and what the log says about them."""
+    """The step lines of a training log (every window; the first, start-up, is not timed) and its set-up line."""
     text = train_log.read_text(encoding="utf-8")
     windows = [dict(step=int(m[1]), samples=float(m[2]), tokens=float(m[3]), mfu=float(m[4]), peak_mb=float(m[5]))
                for m in (STEP_LINE.match(line) for line in text.splitlines()) if m]
     if len(windows) < 2:
         sys.exit(f"gpu_e2e: {train_log} has {len(windows)} step line(s); the table needs the first (start-up) and at least one more")
     setup = next((line for line in text.splitlines() if line.startswith("world size")), "")
-    return {"windows": windows, "timed": windows[1:], "setup": setup}
+    return {"windows": windows, "setup": setup}
 
 
 def table(log: dict, *, name: str, params: int, batch: int, length: int, precision: str, steps: int, wall_s: float) -> str:
-    timed = log["timed"]
+    timed = log["windows"][1:]  # the first window holds start-up
     med = lambda k: statistics.median(w[k] for w in timed)
     rng = lambda k, f: f"{f(min(w[k] for w in timed))}-{f(max(w[k] for w in timed))}"
     rows = [

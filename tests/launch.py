@@ -7,26 +7,16 @@ launched as a user launches it must see neither, or it would join a world that i
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
-LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_")
+from dsxfer.training.engine import free_port, launch_env as _launch_env
+
+__all__ = ["free_port", "launch_env", "shm_workspaces"]
 
 
 def launch_env(**extra: str) -> dict[str, str]:
     """os.environ without the rank and Slurm variables, one OpenMP thread per process, then `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARIABLES)}
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _launch_env(**{"OMP_NUM_THREADS": "1", **extra})
 
 
 def shm_workspaces(port: int) -> list[str]:

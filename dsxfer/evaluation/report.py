@@ -729,32 +729,26 @@ def questions_note(rows: list[dict[str, Any]], task: str, k: int) -> str:
     return "Questions evaluated per language (over the cells): " + "; ".join(parts) + "."
 
 
-def target_avg_by_cell(rows: list[dict[str, Any]], task: str, metric: str, targets: Sequence[str]) -> dict[tuple[str, int], list[float]]:
-    """(method, k) -> the target average of each of its cells (seeds)."""
+def cell_values(rows: list[dict[str, Any]], task: str, metric: str, targets: Sequence[str],
+                source: str | None = None) -> dict[tuple[str, int], dict[str, tuple[Any, float]]]:
+    """(method, k) -> cell (run) -> (its seed, its target average; with no targets, its source value)."""
     per_cell: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
+    seed_of: dict[str, Any] = {}
     for r in rows:
         if r["task"] == task and r["metric"] == metric:
             per_cell[(r["method"], r["k"], r["run"])][r["lang"]] = r["value"]
-    out: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for (method, k, _cell), values in per_cell.items():
-        a = target_average(values, targets)
-        if a is not None:
-            out[(method, k)].append(a)
-    return out
-
-
-def _by_seed(rows: list[dict[str, Any]], t: Table, k: int) -> dict[str, dict[int, float]]:
-    """method -> seed -> the value a table's ablation column compares (the target average, else the source)."""
-    per_cell: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-    for r in rows:
-        if r["task"] == t.task and r["metric"] == t.metric and r["k"] == k:
-            per_cell[(r["method"], r["seed"])][r["lang"]] = r["value"]
-    out: dict[str, dict[int, float]] = defaultdict(dict)
-    for (method, seed), values in per_cell.items():
-        v = target_average(values, t.targets) if t.targets else values.get(t.source)
+            seed_of[r["run"]] = r["seed"]
+    out: dict[tuple[str, int], dict[str, tuple[Any, float]]] = defaultdict(dict)
+    for (method, k, cell), values in per_cell.items():
+        v = target_average(values, targets) if targets else values.get(source)
         if v is not None:
-            out[method][seed] = v
+            out[(method, k)][cell] = (seed_of[cell], v)
     return out
+
+
+def target_avg_by_cell(rows: list[dict[str, Any]], task: str, metric: str, targets: Sequence[str]) -> dict[tuple[str, int], list[float]]:
+    """(method, k) -> the target average of each of its cells (seeds)."""
+    return {key: [v for _, v in cells.values()] for key, cells in cell_values(rows, task, metric, targets).items()}
 
 
 def ablation_rows(cells: Sequence[dict[str, Any]], rows: list[dict[str, Any]], tables: dict[int, list[Table]]) -> list[dict[str, Any]]:
@@ -770,7 +764,10 @@ def ablation_rows(cells: Sequence[dict[str, Any]], rows: list[dict[str, Any]], t
                 continue
             stats = t.avg if t.targets else {m: t.cells[(m, t.source)] for m in t.methods if (m, t.source) in t.cells}
             of_what = "target avg" if t.targets else f"{t.source} (source)"
-            seeds = _by_seed(rows, t, k)
+            seeds = defaultdict(dict)  # method -> seed -> the value this table's ablation column compares
+            for (m, kk), cells_of in cell_values(rows, t.task, t.metric, t.targets, t.source).items():
+                if kk == k:
+                    seeds[m].update(dict(cells_of.values()))
             for base in dict.fromkeys(ablates.values()):
                 if base not in stats:
                     continue

@@ -28,6 +28,26 @@ from dsxfer.method.schedule import warmup_then_decay
 
 # ------------------------------------------------------------------------------------ processes
 
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_")
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """os.environ without the rank and Slurm variables, then `extra`: the environment in which a process that may
+    itself be a rank (an in-process run sets them) or a Slurm job starts a launcher, whose ranks must not join
+    a world that is not there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARIABLES)}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it): a launcher's --master_port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def init_process_env() -> dict[str, int]:
     """Make RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT exist, whatever started us.
