@@ -71,6 +71,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "alignment.enabled=true", "alignment.loss=infonce", "alignment.weight=0.5", "data.induce_lexicon=true",
         "data.codeswitch_prob=0.3", "data.codeswitch_copies=1"],
         "about": "dsxfer LoRA r8 + InfoNCE alignment 0.5 + code-switched pseudo data"},
+    # the same knowledge transfer on top of the lightest part: a soft prompt of PEFT's size (20) at the lr the
+    # source dev tuning found best for prompt tuning (0.1; docs/results/tune), the part whose score moved least with the seed
+    "prompt_recipe": {"kind": "dsxfer", "lr": 1e-1, "overrides": _NO_EXTRAS + ["prompts.length=20", "alignment.enabled=true",
+                      "alignment.loss=infonce", "alignment.weight=0.5", "data.induce_lexicon=true", "data.codeswitch_prob=0.3",
+                      "data.codeswitch_copies=1"],
+                      "about": "dsxfer soft prompt 20 (lr 0.1) + InfoNCE alignment 0.5 + code-switched pseudo data"},
     # ablations of the recipe: one part removed or one alignment form swapped
     "recipe_no_alignment": {"kind": "dsxfer", "lr": 3e-3, "overrides": _RECIPE + ["alignment.enabled=false"],
                             "ablation_of": "recipe", "change": "without alignment"},
@@ -90,6 +96,11 @@ METHODS["lora_recipe_no_alignment"] = {"kind": "dsxfer", "lr": 2e-3, "ablation_o
 METHODS["lora_recipe_no_pseudo"] = {"kind": "dsxfer", "lr": 2e-3, "ablation_of": "lora_recipe", "change": "without pseudo data",
                                     "overrides": METHODS["lora_recipe"]["overrides"] + ["data.codeswitch_prob=0.0",
                                                                                         "data.induce_lexicon=false"]}
+METHODS["prompt_recipe_no_alignment"] = {"kind": "dsxfer", "lr": 1e-1, "ablation_of": "prompt_recipe", "change": "without alignment",
+                                         "overrides": METHODS["prompt_recipe"]["overrides"] + ["alignment.enabled=false"]}
+METHODS["prompt_recipe_no_pseudo"] = {"kind": "dsxfer", "lr": 1e-1, "ablation_of": "prompt_recipe", "change": "without pseudo data",
+                                      "overrides": METHODS["prompt_recipe"]["overrides"] + ["data.codeswitch_prob=0.0",
+                                                                                            "data.induce_lexicon=false"]}
 for _name, _m in METHODS.items():  # an ablation is described by what it changes in the method it ablates
     _m.setdefault("about", f"{METHODS[_m['ablation_of']]['about']}, {_m['change']}" if "ablation_of" in _m else _name)
     _m.setdefault("overrides", [])
@@ -112,7 +123,9 @@ SUITES: dict[str, dict[str, Any]] = {
     },
     "small": {
         "about": "embedded model, about 3 hours on 2 quiet CPU cores: evaluation alone is 1.8 h (README: how it was sized)",
-        "model": "embedded", "methods": ["peft_lora", "peft_prompt", "dsxfer_lora", "lora_recipe"],
+        "model": "embedded", "methods": ["peft_lora", "peft_prompt", "peft_prompt_lr1e-1", "dsxfer_lora", "lora_recipe", "prompt_recipe"],
+        # PEFT prompt tuning at the lr the source dev tuning found best (docs/results/tune), beside its shipped 3e-2
+        "define": {"peft_prompt_lr1e-1": {"like": "peft_prompt", "lr": 0.1}},
         "k": [0, 32], "seeds": [1, 2, 3], "targets": ["de", "es", "zh"],
         "train": {"questions": 600, "dev_examples": 30, "max_length": 128, "stride": 32, "steps": 100, "batch": 8, "warmup": 0.1,
                   "alignment_pairs": 200},

@@ -294,7 +294,7 @@ def test_every_cell_of_every_suite_is_a_valid_config_and_a_dry_run_writes_nothin
     assert small["k"] == [0, 32] and len(small["seeds"]) == 3 and all(ev["max_examples"] >= 300 for ev in small["eval"].values())
     assert set(load_suite("full")["methods"]) == set(METHODS)
     done = run_grid("small", tmp_path / "out", dry_run=True, quiet=True)
-    assert len(done["cells"]) == 24 and not (tmp_path / "out").exists()
+    assert len(done["cells"]) == 36 and not (tmp_path / "out").exists()
 
 
 def test_a_results_folder_in_use_by_another_grid_is_refused(tmp_path):
