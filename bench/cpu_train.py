@@ -32,12 +32,15 @@ backward, clip, optimizer and scheduler step). dsxfer: train.log_every=1, and ds
 step k gives the samples/s of that step alone (its window restarts after each log line, so logging is
 not in it); the step's time is batch / samples/s, summed over steps W+1..W+T. Peer: a TrainerCallback
 records time.perf_counter() at every on_step_end; the time is t(W+T) - t(W).
-samples/s = T x batch / that time. real tokens/s = samples/s x the mean real (unpadded) tokens per
-window of the runner's own featurization of the questions (dsxfer reserves the soft prompt's virtual
-tokens out of max_length, so its windows of the full method hold fewer real tokens).
+samples/s = the windows of the timed steps / that time, real tokens/s = their real (unpadded) tokens / that
+time, counted per step for each runner: dsxfer's step line reports both; the peer's collator records each batch
+as the Trainer draws it (for `full`, plus the real tokens of the pair batches, as dsxfer's line counts them). Both
+count the steps they really ran, so a runner whose length-grouped timed steps happen to hold shorter (or
+longer) windows than the other's shows it in "real tokens/window", and the real tokens/s ratio is the one
+that compares equal work.
 wall s = launch of the child process (interpreter, imports, model load, featurization) to the end of
 training. Both pad each batch to its longest window (dsxfer's collate; the peer's
-DataCollatorWithPadding). dsxfer's backbone runs eager attention; the peer gets the transformers default.
+DataCollatorWithPadding). dsxfer's attention runs torch's fused SDPA on CPU (kernels/sdpa.py); the peer gets the transformers default.
 
 Evaluation, after training, on the windows of the same questions, --eval_batch windows per batch:
   model loop  dsxfer: time inside the predict calls of dsxfer.evaluation.evaluate.evaluate_qa (forward passes) |
@@ -152,8 +155,9 @@ def med(values: list[float], fmt: str = "{:.2f}") -> str:
 
 def tables(results: dict[tuple[str, str], list[dict]], methods: list[str]) -> str:
     train = ["| method | runner | samples/s | real tokens/window | real tokens/s | peak RSS MB | wall s | "
-             "dsxfer/peer samples/s (min / median / max) | dsxfer/peer peak RSS (min / median / max) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "dsxfer/peer samples/s (min / median / max) | dsxfer/peer real tokens/s (min / median / max) | "
+             "dsxfer/peer peak RSS (min / median / max) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     evals = ["| method | runner | features | features/s, model loop | features/s, end to end | "
              "dsxfer/peer model loop (min / median / max) | dsxfer/peer end to end (min / median / max) |",
              "|---|---|---|---|---|---|---|"]
@@ -166,13 +170,14 @@ def tables(results: dict[tuple[str, str], list[dict]], methods: list[str]) -> st
             dsx = runner == "dsxfer"
             if not ok:
                 why = runs[0]["error"] if runs else "not run"
-                train.append(f"| {m} | {runner} | failed: {why} | | | | | | |")
+                train.append(f"| {m} | {runner} | failed: {why} | | | | | | | |")
                 evals.append(f"| {m} | {runner} | failed | | | | |")
                 continue
             get = lambda key: [r[key] for r in ok if r.get(key) is not None]
             train.append(f"| {m} | {runner} | {med(get('samples_per_s'))} | {med(get('tokens_per_window'), '{:.0f}')} | "
                          f"{med(get('tokens_per_s'), '{:.0f}')} | {med(get('peak_rss_mb'), '{:.0f}')} | {med(get('wall_s'), '{:.1f}')} | "
-                         f"{spread(ratio('samples_per_s')) if dsx else '1.00'} | {spread(ratio('peak_rss_mb')) if dsx else '1.00'} |")
+                         f"{spread(ratio('samples_per_s')) if dsx else '1.00'} | {spread(ratio('tokens_per_s')) if dsx else '1.00'} | "
+                         f"{spread(ratio('peak_rss_mb')) if dsx else '1.00'} |")
             evals.append(f"| {m} | {runner} | {med(get('eval_features'), '{:.0f}')} | {med(get('eval_model_fps'))} | "
                          f"{med(get('eval_e2e_fps'))} | {spread(ratio('eval_model_fps')) if dsx else '1.00'} | "
                          f"{spread(ratio('eval_e2e_fps')) if dsx else '1.00'} |")
@@ -255,7 +260,7 @@ def dsxfer_overrides(spec: dict, method: str, out_dir: Path) -> list[str]:
     return common + per_method[method]
 
 
-STEP_LINE = re.compile(r"^step (\d+) \| loss .*?\| ([0-9.]+) samples/s, ")
+STEP_LINE = re.compile(r"^step (\d+) \| loss .*?\| ([0-9.]+) samples/s, ([0-9.]+) tokens/s")
 
 
 def child_dsxfer(spec: dict, method: str) -> dict:
@@ -273,13 +278,16 @@ def child_dsxfer(spec: dict, method: str) -> dict:
     trained_at, rss = time.time(), peak_rss_mb()
 
     first, last = spec["warmup_steps"] + 1, spec["warmup_steps"] + spec["steps"]
-    step_seconds = {}
+    step_seconds, step_tokens = {}, {}
     for line in (out_dir / "train.log").read_text(encoding="utf-8").splitlines():
         if (hit := STEP_LINE.match(line)) and first <= int(hit.group(1)) <= last:
-            step_seconds[int(hit.group(1))] = spec["batch"] / float(hit.group(2))
+            step = int(hit.group(1))
+            step_seconds[step] = spec["batch"] / float(hit.group(2))
+            step_tokens[step] = float(hit.group(3)) * step_seconds[step]  # the step's real tokens (task + alignment)
     if len(step_seconds) != spec["steps"]:
         raise RuntimeError(f"train.log of {out_dir} holds {len(step_seconds)} of the {spec['steps']} timed step lines")
-    samples_per_s = spec["steps"] * spec["batch"] / sum(step_seconds.values())
+    seconds = sum(step_seconds.values())
+    samples_per_s, tokens_per_s = spec["steps"] * spec["batch"] / seconds, sum(step_tokens.values()) / seconds
 
     model = load_trained(out_dir)
     model.merge_lora()  # as `dsxfer eval` (evaluation.load_predictor) does
@@ -287,7 +295,6 @@ def child_dsxfer(spec: dict, method: str) -> dict:
     examples = list(read_squad_json(spec["questions_file"], "en"))
     reserved = int(model.num_virtual_tokens)
     feats = featurize_qa(examples, tokenizer, max_length=spec["max_length"], doc_stride=spec["stride"], reserved_tokens=reserved)
-    tokens_per_window = sum(map(sum, feats.attention_mask)) / len(feats)
 
     import torch
 
@@ -304,7 +311,7 @@ def child_dsxfer(spec: dict, method: str) -> dict:
     evaluate_qa(predict, tokenizer, examples, lang="en", max_length=spec["max_length"], doc_stride=spec["stride"],
                 reserved_tokens=reserved, batch_size=spec["eval_batch"], progress=False)
     e2e = time.perf_counter() - t0
-    return {"samples_per_s": samples_per_s, "tokens_per_window": tokens_per_window, "tokens_per_s": samples_per_s * tokens_per_window,
+    return {"samples_per_s": samples_per_s, "tokens_per_window": tokens_per_s / samples_per_s, "tokens_per_s": tokens_per_s,
             "peak_rss_mb": rss, "cache_fill_s": fill_s, "trained_at": trained_at, "eval_features": len(feats),
             "eval_model_fps": len(feats) / in_model[0], "eval_e2e_fps": len(feats) / e2e}
 
@@ -388,6 +395,7 @@ def child_peer(spec: dict, method: str) -> dict:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
             src, tgt = next(self.pairs)
+            pair_tokens.append(int(src["attention_mask"].sum() + tgt["attention_mask"].sum()))  # counted as dsxfer counts them
             pooled = lambda h, mask: (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             student = model(**tgt, output_hidden_states=True).hidden_states[-1]
             with torch.no_grad(), model.disable_adapter():
@@ -397,6 +405,15 @@ def child_peer(spec: dict, method: str) -> dict:
             return (loss, outputs) if return_outputs else loss
 
     clock = StepClock()
+    # the real tokens and windows of every batch, in the order the Trainer collates them (batch i is step i: no
+    # accumulation; the dataloader may fetch one batch ahead, which a per-batch list does not mind)
+    batch_tokens, batch_samples, pair_tokens = [], [], []
+    pad_batch = DataCollatorWithPadding(tokenizer)
+
+    def collate(features):
+        batch_tokens.append(sum(sum(f["attention_mask"]) for f in features))
+        batch_samples.append(len(features))
+        return pad_batch(features)
     args = TrainingArguments(output_dir=str(Path(spec["work_dir"]) / f"run-peer-{method}"), max_steps=spec["warmup_steps"] + spec["steps"],
                              per_device_train_batch_size=spec["batch"], per_device_eval_batch_size=spec["eval_batch"],
                              learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=spec["warmup_steps"],
@@ -404,20 +421,21 @@ def child_peer(spec: dict, method: str) -> dict:
                              use_cpu=True, seed=SEED, disable_tqdm=True)
     extra = {"pairs": alignment_batches(spec, tokenizer)} if method == "full" else {}
     trainer = (AlignedTrainer if method == "full" else Trainer)(
-        model=model, args=args, train_dataset=train_windows, data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=[clock], **extra)
+        model=model, args=args, train_dataset=train_windows, data_collator=collate, callbacks=[clock], **extra)
     trainer.train()
     trained_at, rss = time.time(), peak_rss_mb()
     w, t = spec["warmup_steps"], spec["steps"]
-    samples_per_s = t * spec["batch"] / (clock.ends[w + t] - clock.ends[w])
-    tokens_per_window = sum(sum(x["attention_mask"]) for x in train_windows) / len(train_windows)
+    seconds, timed = clock.ends[w + t] - clock.ends[w], slice(w, w + t)  # steps w+1 .. w+t are batches w .. w+t-1
+    samples = sum(batch_samples[timed])
+    tokens = sum(batch_tokens[timed]) + sum(pair_tokens[timed])
+    samples_per_s, tokens_per_s = samples / seconds, tokens / seconds
 
     t0 = time.perf_counter()
     eval_windows = featurize_windows(examples, tokenizer, spec["max_length"], spec["stride"], with_labels=False)
     t1 = time.perf_counter()
     trainer.predict(eval_windows)
     t2 = time.perf_counter()
-    return {"samples_per_s": samples_per_s, "tokens_per_window": tokens_per_window, "tokens_per_s": samples_per_s * tokens_per_window,
+    return {"samples_per_s": samples_per_s, "tokens_per_window": tokens / samples, "tokens_per_s": tokens_per_s,
             "peak_rss_mb": rss, "trained_at": trained_at, "eval_features": len(eval_windows),
             "eval_model_fps": len(eval_windows) / (t2 - t1), "eval_e2e_fps": len(eval_windows) / (t2 - t0)}
 

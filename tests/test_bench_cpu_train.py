@@ -31,6 +31,16 @@ def test_smoke_prints_training_and_evaluation_tables_with_ratios(tmp_path):
         values = [float(v) for v in re.findall(r"[0-9.]+", runners["dsxfer"][ratio])]
         assert len(values) == 3 and all(v > 0 for v in values) and values[0] <= values[1] <= values[2]
         assert float(runners["PEFT LoRA"][2]) > 0  # the peer's own measurement (samples/s or features)
+    # real tokens are counted per timed step for each runner: a mean per window inside (0, max_length], and
+    # samples/s x tokens/window = tokens/s
+    header, *rows = _rows(proc.stdout, "Training")
+    assert "dsxfer/peer real tokens/s (min / median / max)" in header
+    col = {name: header.index(name) for name in ("samples/s", "real tokens/window", "real tokens/s")}
+    max_length = int(re.search(r"windows (\d+) / stride", proc.stdout).group(1))
+    for row in (r for r in rows if r[0] == "lora"):
+        per_window = float(row[col["real tokens/window"]])
+        assert 0 < per_window <= max_length, row
+        assert abs(float(row[col["samples/s"]]) * per_window - float(row[col["real tokens/s"]])) <= 0.02 * float(row[col["real tokens/s"]]) + 1
     # both runners trained in their own process and left their run folders
     assert (tmp_path / "run-dsxfer-lora" / "train.log").is_file()
     assert (tmp_path / "lora-peer-0.json").is_file()
