@@ -296,16 +296,15 @@ def child_dsxfer(spec: dict, method: str) -> dict:
     reserved = int(model.num_virtual_tokens)
     feats = featurize_qa(examples, tokenizer, max_length=spec["max_length"], doc_stride=spec["stride"], reserved_tokens=reserved)
 
-    import torch
+    from dsxfer.evaluation.evaluate import transfer_predictor
 
-    in_model = [0.0]
+    in_model, forward = [0.0], transfer_predictor(model)  # `dsxfer eval`'s own predict (inference mode)
 
-    @torch.no_grad()
     def predict(batch):
         t0 = time.perf_counter()
-        out = model(batch)
+        out = forward(batch)
         in_model[0] += time.perf_counter() - t0
-        return out["start_logits"], out["end_logits"]
+        return out
 
     t0 = time.perf_counter()
     evaluate_qa(predict, tokenizer, examples, lang="en", max_length=spec["max_length"], doc_stride=spec["stride"],
