@@ -115,6 +115,23 @@ def test_on_disk_cache_is_reused_and_a_bad_checksum_is_ignored(tmp_path):
     assert "wrong checksum" in third.activation_cache.summary()
 
 
+def test_a_bottom_that_differs_in_one_weight_gets_its_own_cache_folder(tmp_path):
+    from dsxfer.method.cache import weight_fingerprint
+
+    cfg = method_cfg(tmp_path, "auto")
+    a, b = build(cfg), build(cfg)
+    bottom = lambda m: [m.backbone.embeddings, *list(m.backbone.encoder.layer)[: m.activation_cache.start]]
+    assert weight_fingerprint(bottom(a)) == weight_fingerprint(bottom(b))  # the same weights, the same folder
+    with torch.no_grad():  # one entry of a layer below L moved by one ulp: its rows are other rows
+        w = b.backbone.encoder.layer[0].attention.self.query.weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    assert weight_fingerprint(bottom(a)) != weight_fingerprint(bottom(b))
+    b2 = build(cfg)
+    with torch.no_grad():  # a layer at or above L is not part of the bottom
+        b2.backbone.encoder.layer[b2.activation_cache.start].attention.self.query.weight.add_(1.0)
+    assert weight_fingerprint(bottom(a)) == weight_fingerprint(bottom(b2))
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"model": {"activation_cache": "disabled"}}, "activation cache: disabled (model.activation_cache=disabled)"),
     ({"prompts": {"length": 3, "init": "random"}}, "not used: nothing below layer 0 is fixed (an input-level soft prompt"),

@@ -137,16 +137,18 @@ def row_key(ids: torch.Tensor, types: torch.Tensor | None) -> bytes:
 
 
 def weight_fingerprint(modules: list[nn.Module]) -> str:
-    """A digest of the frozen weights below L (shape, sum and sum of squares of each tensor, gathered under
-    ZeRO-3): a cache folder is only re-used by a backbone with the same bottom."""
+    """A digest of the frozen weights below L (each tensor's name, shape, dtype and raw bytes, gathered under
+    ZeRO-3): a cache folder is only re-used by a backbone with the same bottom. Hashing the bytes as they are
+    is exact and takes about 0.4 s for the embedded model's bottom (its 96M-entry embedding matrix included);
+    a float64 copy of every tensor, summed, took 2.5 s, paid by the first forward of every run."""
     from dsxfer.method.prompts import _gathered
 
     h = hashlib.sha256()
     for m_index, module in enumerate(modules):
         for name, p in module.named_parameters():
             with _gathered(p):
-                data = p.detach().double()
-                h.update(f"{m_index}.{name}:{tuple(p.shape)}:{float(data.sum()):.10e}:{float((data * data).sum()):.10e}".encode())
+                h.update(f"{m_index}.{name}:{tuple(p.shape)}:{p.dtype}|".encode())
+                h.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 
