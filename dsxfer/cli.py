@@ -347,7 +347,7 @@ def _add_files_commands(sub: argparse._SubParsersAction) -> None:
 def _add_grid_commands(sub: argparse._SubParsersAction) -> None:
     """`dsxfer reproduce and report`."""
     p = _command(sub, "reproduce", cmd_reproduce, "run a suite: methods x k shots x seeds, dsxfer against PEFT + the HF Trainer, one JSON per cell",
-                "Suites: tiny (a tiny random model: checks the machinery in minutes), small (the embedded model, about three\n"
+                "Suites: tiny (a tiny random model: checks the machinery in minutes), small (the embedded model, 3-4.5\n"
                 "hours on 2 CPU cores), full (every method and k, 5 seeds), or a suite YAML/JSON file. Each cell trains and\n"
                 "evaluates in its own process and writes <out>/cells/<cell>/result.json; finished cells are skipped, so the same\n"
                 "command continues a stopped grid. Then `dsxfer report <out>` writes the tables and charts.\n\n"

@@ -122,7 +122,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "prompt_tokens": 4,
     },
     "small": {
-        "about": "embedded model, about 3 hours on 2 quiet CPU cores: evaluation alone is 1.8 h (README: how it was sized)",
+        "about": "embedded model, 36 cells, 3-4.5 hours on 2 quiet CPU cores, about half of it evaluation (README: how it was sized)",
         "model": "embedded", "methods": ["peft_lora", "peft_prompt", "peft_prompt_lr1e-1", "dsxfer_lora", "lora_recipe", "prompt_recipe"],
         # PEFT prompt tuning at the lr the source dev tuning found best (docs/results/tune), beside its shipped 3e-2
         "define": {"peft_prompt_lr1e-1": {"like": "peft_prompt", "lr": 0.1}},
