@@ -338,3 +338,12 @@ def test_cli_report(runs, tmp_path, capsys):
     assert "| prompt+align | 3 | 60.0 ± 10.0 (min 50.0)" in printed and "report.md" in printed
     assert (out / "report.csv").is_file() and not list(out.glob("*.png"))
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_results_folder_names_the_source_of_the_tasks_it_holds():
+    from dsxfer.evaluation.report import _source_note
+
+    qa, pawsx, both = _source_note({"qa"}), _source_note({"pawsx"}), _source_note({"qa", "pawsx"})
+    assert "TyDi QA" in qa and "PAWS-X" not in qa
+    assert "PAWS-X dev rows" in pawsx and "TyDi" not in pawsx and "MLQA" not in pawsx
+    assert "TyDi QA" in both and "PAWS-X dev rows" in both

@@ -835,6 +835,18 @@ def k_curve_figure(rows: list[dict[str, Any]], task: str, metric: str, targets: 
     return fig
 
 
+def _source_note(tasks: set[str]) -> str:
+    """What the cells trained on, for the tasks the folder holds."""
+    notes = []
+    if "qa" in tasks or not tasks:
+        notes.append("QA source: TyDi QA GoldP English train minus the source dev hold-out; k target shots per language from "
+                     "MLQA dev, left out of the MLQA dev evaluation (counted below each MLQA table).")
+    if "pawsx" in tasks:
+        notes.append("PAWS-X source: the English PAWS-X dev rows, split by row index (the same half of the row ids is held out "
+                     "as test rows in every language); the training rows and the source dev hold-out come from the other half.")
+    return " ".join(notes) + " Every cell is one seed; n = the seeds per method.\n"
+
+
 def _ablation_markdown(abl: list[dict[str, Any]]) -> str:
     if not abl:
         return "No ablation cells in this folder (a suite with recipe_* methods or its own variants has them).\n"
@@ -896,7 +908,7 @@ def write_grid_report(results_dir: str | Path, output_dir: str | Path, *, plots:
                     images.append(out / f"{t.task}_{t.metric}_k{k}_bars.png")
                     fig.savefig(images[-1], dpi=100)
                     plt.close(fig)
-        for t in tables[max(tables)]:
+        for t in tables[max(tables)] if len(tables) > 1 else []:  # a curve against k needs two k at least
             if t.metric in ("f1", "accuracy") and t.targets:  # the curves are of the target average
                 methods = [m for m in order if any(r["method"] == m for r in rows)] or t.methods
                 for std_only, kind in ((False, "vs_k"), (True, "std_vs_k")):
@@ -920,8 +932,7 @@ def write_grid_report(results_dir: str | Path, output_dir: str | Path, *, plots:
              if extra else "")
           + f"; wall time of the finished cells {sum(c['wall_s'] for c in cells) / 60:.1f} min"
           + (f" on {grid['device']}" if grid.get("device") else "") + ".\n",
-          "Source: TyDi QA GoldP English train minus the source dev hold-out; k target shots per language from MLQA dev, "
-          "left out of the MLQA dev evaluation (counted below each MLQA table). Every cell is one seed; n = the seeds per method.\n",
+          _source_note({c["task"] for c in cells}),
           "| method | what it trains |", "|---|---|", *[f"| {m} | {abouts[m]} |" for m in sorted(abouts, key=lambda m: (order.index(m) if m in order else len(order), m))], ""]
     for k, ts in tables.items():
         md.append(f"### k = {k}\n")
