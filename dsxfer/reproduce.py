@@ -46,9 +46,10 @@ MLQA_LANGS = ("es", "de", "ar", "hi", "vi", "zh")  # MLQA dev targets (en is the
 # dsxfer methods are config overrides on top of the suite's budget; every field a config can say stays one.
 _NO_EXTRAS = ["prompts.length=0", "injection.length=0", "adapters.lora=false", "alignment.enabled=false", "data.codeswitch_prob=0.0"]
 _LORA = ["adapters.lora=true", "adapters.r=8", "adapters.alpha=16", "adapters.target_modules=[query,value]"]
-_RECIPE = ["prompts.length=16", "injection.length=16", "injection.layers=all", "adapters.lora=false", "alignment.enabled=true",
-           "alignment.loss=infonce", "alignment.weight=0.5", "data.induce_lexicon=true", "data.codeswitch_prob=0.3",
-           "data.codeswitch_copies=1"]
+# the knowledge transfer every recipe adds to its lightweight part: InfoNCE alignment and code-switched pseudo data
+_TRANSFER = ["alignment.enabled=true", "alignment.loss=infonce", "alignment.weight=0.5", "data.induce_lexicon=true",
+             "data.codeswitch_prob=0.3", "data.codeswitch_copies=1"]
+_RECIPE = ["prompts.length=16", "injection.length=16", "injection.layers=all", "adapters.lora=false", *_TRANSFER]
 
 METHODS: dict[str, dict[str, Any]] = {
     # peers (dsxfer.peers): PEFT + the HF Trainer, no dsxfer module in the model or the loop
@@ -67,15 +68,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # the recipe: lightweight part + knowledge transfer (alignment, code-switched pseudo data)
     "recipe": {"kind": "dsxfer", "lr": 3e-3, "overrides": _RECIPE,
                "about": "soft prompt 16 + prefixes 16 in all layers + InfoNCE alignment 0.5 + code-switched pseudo data"},
-    "lora_recipe": {"kind": "dsxfer", "lr": 2e-3, "overrides": _NO_EXTRAS + _LORA + [
-        "alignment.enabled=true", "alignment.loss=infonce", "alignment.weight=0.5", "data.induce_lexicon=true",
-        "data.codeswitch_prob=0.3", "data.codeswitch_copies=1"],
-        "about": "dsxfer LoRA r8 + InfoNCE alignment 0.5 + code-switched pseudo data"},
+    "lora_recipe": {"kind": "dsxfer", "lr": 2e-3, "overrides": _NO_EXTRAS + _LORA + _TRANSFER,
+                    "about": "dsxfer LoRA r8 + InfoNCE alignment 0.5 + code-switched pseudo data"},
     # the same knowledge transfer on top of the lightest part: a soft prompt of PEFT's size (20) at the lr the
     # source dev tuning found best for prompt tuning (0.1; docs/results/tune), the part whose score moved least with the seed
-    "prompt_recipe": {"kind": "dsxfer", "lr": 1e-1, "overrides": _NO_EXTRAS + ["prompts.length=20", "alignment.enabled=true",
-                      "alignment.loss=infonce", "alignment.weight=0.5", "data.induce_lexicon=true", "data.codeswitch_prob=0.3",
-                      "data.codeswitch_copies=1"],
+    "prompt_recipe": {"kind": "dsxfer", "lr": 1e-1, "overrides": _NO_EXTRAS + ["prompts.length=20", *_TRANSFER],
                       "about": "dsxfer soft prompt 20 (lr 0.1) + InfoNCE alignment 0.5 + code-switched pseudo data"},
     # ablations of the recipe: one part removed or one alignment form swapped
     "recipe_no_alignment": {"kind": "dsxfer", "lr": 3e-3, "overrides": _RECIPE + ["alignment.enabled=false"],
@@ -91,16 +88,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "recipe_kl": {"kind": "dsxfer", "lr": 3e-3, "overrides": _RECIPE + ["alignment.loss=kl"],
                   "ablation_of": "recipe", "change": "alignment form kl"},
 }
-METHODS["lora_recipe_no_alignment"] = {"kind": "dsxfer", "lr": 2e-3, "ablation_of": "lora_recipe", "change": "without alignment",
-                                       "overrides": METHODS["lora_recipe"]["overrides"] + ["alignment.enabled=false"]}
-METHODS["lora_recipe_no_pseudo"] = {"kind": "dsxfer", "lr": 2e-3, "ablation_of": "lora_recipe", "change": "without pseudo data",
-                                    "overrides": METHODS["lora_recipe"]["overrides"] + ["data.codeswitch_prob=0.0",
-                                                                                        "data.induce_lexicon=false"]}
-METHODS["prompt_recipe_no_alignment"] = {"kind": "dsxfer", "lr": 1e-1, "ablation_of": "prompt_recipe", "change": "without alignment",
-                                         "overrides": METHODS["prompt_recipe"]["overrides"] + ["alignment.enabled=false"]}
-METHODS["prompt_recipe_no_pseudo"] = {"kind": "dsxfer", "lr": 1e-1, "ablation_of": "prompt_recipe", "change": "without pseudo data",
-                                      "overrides": METHODS["prompt_recipe"]["overrides"] + ["data.codeswitch_prob=0.0",
-                                                                                            "data.induce_lexicon=false"]}
+for _base in ("lora_recipe", "prompt_recipe"):  # each transfer part removed from the recipes on LoRA and on a soft prompt
+    for _suffix, _change, _off in (("no_alignment", "without alignment", ["alignment.enabled=false"]),
+                                   ("no_pseudo", "without pseudo data", ["data.codeswitch_prob=0.0", "data.induce_lexicon=false"])):
+        METHODS[f"{_base}_{_suffix}"] = {"kind": "dsxfer", "lr": METHODS[_base]["lr"], "ablation_of": _base, "change": _change,
+                                         "overrides": METHODS[_base]["overrides"] + _off}
 for _name, _m in METHODS.items():  # an ablation is described by what it changes in the method it ablates
     _m.setdefault("about", f"{METHODS[_m['ablation_of']]['about']}, {_m['change']}" if "ablation_of" in _m else _name)
     _m.setdefault("overrides", [])
