@@ -192,3 +192,40 @@ def test_eval_on_error_skip_reports_the_bad_records(tiny_xlmr, tmp_path, capsys)
     (r,) = json.loads((tmp_path / "out" / "scores.json").read_text())["results"]
     assert r["skipped"]["count"] == 1 and "is not in the context at answer_start" in next(iter(r["skipped"]["reasons"]))
     assert r["data"] == "XQuAD subset of 5"
+
+
+@pytest.mark.parametrize("task", ["qa", "classification"])
+def test_cpu_predictor_runs_pieces_cut_to_their_longest_row_with_the_whole_batchs_outputs(tiny_xlmr, monkeypatch, task):
+    from dsxfer.config import load_config
+    from dsxfer.evaluation import evaluate as ev
+    from dsxfer.method.model import build_transfer_model
+
+    extra = [] if task == "qa" else ["model.task=classification", "model.num_labels=2"]
+    cfg = load_config(None, [f"model.name_or_path={tiny_xlmr}", "prompts.length=3", "injection.length=2",
+                             "alignment.enabled=false", *extra])
+    model = build_transfer_model(cfg).eval()
+    lengths = [40, 40, 33, 21, 20, 9, 5]  # right padded, longest first, as evaluate_qa batches them
+    ids = torch.full((len(lengths), 40), 1, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.randint(5, 200, (n,))
+        mask[r, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with torch.inference_mode():
+        whole = model(dict(batch))
+    width = model.backbone.config.intermediate_size
+    monkeypatch.setattr(ev, "CPU_PIECE_ELEMENTS", 2 * (40 + 3) * width)  # pieces of 2 rows: 4 forward passes
+    assert ev.cpu_piece_rows(model.backbone.config, 43) == 2
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0]["input_ids"].shape))
+    out = ev.transfer_predictor(model, task)(batch)
+    assert calls == [(2, 40), (2, 33), (2, 20), (1, 5)]  # each piece cut to its own longest row
+    if task == "classification":
+        torch.testing.assert_close(out, whole["logits"], rtol=1e-5, atol=1e-5)
+        return
+    for got, ref in zip(out, (whole["start_logits"], whole["end_logits"])):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # padded positions too: the model's fill value
+    # a left-padded batch keeps its columns (cutting would drop real tokens)
+    calls.clear()
+    ev.transfer_predictor(model, task)({"input_ids": ids[2:4].flip(-1), "attention_mask": mask[2:4].flip(-1)})
+    assert calls == [(2, 40)]

@@ -178,21 +178,76 @@ def hf_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
     return predict
 
 
+# On a CPU a forward pass costs what its padded tokens cost, and a smaller one is no slower per token. A
+# batch of evaluation windows sorted longest first still pads its short tail rows to the batch's longest;
+# run in pieces, each cut to its own longest row, it pads far less: 0.86x the time of the whole batch at 32
+# windows of at most 192 tokens through the embedded model (docs/PERF.md, 2026-12-02 09:00). A piece's
+# widest activation (tokens x intermediate size) holds at most this many elements (8 MiB in float32; 1, 2, 3,
+# 4, 6 and 16 Mi elements measured: 2 Mi was fastest, 16 Mi, i.e. the whole batch, 1.15x slower).
+CPU_PIECE_ELEMENTS = 2**21
+
+
+def cpu_piece_rows(config: Any, seq_len: int) -> int:
+    """Rows per forward piece on a CPU for windows of seq_len tokens (at least 1)."""
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    width = int(getattr(config, "intermediate_size", 0) or 0) or 4 * hidden or 1
+    return max(1, CPU_PIECE_ELEMENTS // (max(1, seq_len) * width))
+
+
+def _cut_padding(piece: dict) -> tuple[dict, int]:
+    """A right-padded piece without the columns that are padding in every row; (piece, its old length)."""
+    mask = piece.get("attention_mask")
+    length = piece["input_ids"].shape[-1]
+    if mask is None:
+        return piece, length
+    keep = int(mask.sum(-1).max())
+    if keep == length or bool(mask[:, keep:].any()):  # nothing to cut, or left padding: leave it as it is
+        return piece, length
+    return {k: v[:, :keep] if hasattr(v, "dim") and v.dim() == 2 and v.shape[-1] == length else v
+            for k, v in piece.items()}, length
+
+
 def transfer_predictor(model: Any, task: str = "qa") -> Callable[[dict], Any]:
     """predict(batch) for a TransferModel (forward(batch) -> dict with start/end logits or logits); the batch
     goes to the device the model's parameters are on (a DeepSpeed engine's module on GPU, or the CPU).
     Evaluation never builds autograd state: inference mode, or no_grad for ZeRO-3 partitioned parameters
-    (DeepSpeed gathers them into tensors that must stay usable by the next training step)."""
+    (DeepSpeed gathers them into tensors that must stay usable by the next training step). On a CPU the
+    batch runs in pieces of `cpu_piece_rows` rows, each cut to its longest row; the outputs are those of the
+    whole batch (a padded position a piece did not compute gets the value the model gives padding)."""
     import torch
+
+    from dsxfer.method.model import _MASKED
 
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     no_autograd = torch.no_grad if any(hasattr(p, "ds_id") for p in params) else torch.inference_mode
+    backbone_config = getattr(getattr(model, "backbone", None), "config", None)
+
+    def forward(batch: dict):
+        out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        return (out["start_logits"], out["end_logits"]) if task == "qa" else out["logits"]
+
+    def widen(logits: torch.Tensor, length: int) -> torch.Tensor:
+        if logits.shape[-1] == length:
+            return logits
+        return torch.nn.functional.pad(logits, (0, length - logits.shape[-1]), value=_MASKED)
 
     @no_autograd()
     def predict(batch: dict):
-        out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-        return (out["start_logits"], out["end_logits"]) if task == "qa" else out["logits"]
+        ids = batch["input_ids"]
+        if device.type != "cpu":
+            return forward(batch)
+        rows = cpu_piece_rows(backbone_config, ids.shape[-1] + int(getattr(model, "num_virtual_tokens", 0)))
+        pieces = []
+        for i in range(0, len(ids), rows):
+            piece, length = _cut_padding({k: v[i:i + rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            out = forward(piece)
+            pieces.append((widen(out[0], length), widen(out[1], length)) if task == "qa" else out)
+        if len(pieces) == 1:
+            return pieces[0]
+        if task == "qa":
+            return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+        return torch.cat(pieces)
 
     return predict
 

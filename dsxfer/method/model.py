@@ -27,6 +27,7 @@ from torch import nn
 
 from dsxfer.method import alignment as align
 from dsxfer.method import trainable
+from dsxfer.method import dropout as cpu_dropout
 from dsxfer.method.trainable import PROMPT_FILE, TRAINABLE_FILE  # noqa: F401  (the run folder's file names)
 from dsxfer.config import ExperimentConfig
 from dsxfer.errors import ConfigError, DataError
@@ -169,6 +170,8 @@ class TransferModel(nn.Module):
 
         self.first_open_layer, _ = activation_cache.lowest_open_layer(self)
         self.activation_cache, self.activation_cache_note = activation_cache.build(self)
+        # CPU training draws its dropout masks from a quarter of the random bits torch's dropout uses (dsxfer.method.dropout)
+        cpu_dropout.install(self)
 
     # --- construction helpers
 
