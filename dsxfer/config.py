@@ -41,6 +41,9 @@ class ModelConfig:
     head_init: Literal["torch", "normal"] = _f(
         "torch", "task head initialisation: torch's Linear default (uniform, +-1/sqrt(hidden)), or N(0, the backbone config's "
                  "initializer_range) with zero bias, as transformers' AutoModelFor* heads start")
+    attention_dropout: bool = _f(
+        False, "apply the backbone config's attention-probability dropout in training, as transformers' own attention does "
+               "(off: dsxfer's attention applies none; on, attention runs through torch's SDPA, whose CPU path is then unfused)")
     activation_cache: Literal["auto", "disabled"] = _f(
         "auto", "auto: when the layers below the first trainable or prompted one are frozen (encoders), compute their output "
                 "once per input row and run only the layers above it per step; disabled: always run the whole backbone")

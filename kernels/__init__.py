@@ -53,8 +53,11 @@ def backend(device) -> str:
 
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, key_padding_mask=None, causal=False,
-                     scale=None, attn_mask=None):
-    """Attention over [prefix K/V ; sequence K/V]; see `reference.prefix_attention` for shapes."""
+                     scale=None, attn_mask=None, dropout_p=0.0):
+    """Attention over [prefix K/V ; sequence K/V]; see `reference.prefix_attention` for shapes. dropout_p > 0
+    (attention-probability dropout, training only) always runs through torch's SDPA, which implements it."""
+    if dropout_p > 0:
+        return sdpa.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, attn_mask, dropout_p)
     choice = backend(q.device)
     if choice == "triton" and _triton_attention.supports(q, k, attn_mask):
         return _triton_attention.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)

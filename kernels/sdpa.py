@@ -20,8 +20,9 @@ import torch.nn.functional as F
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None = None,
                      prefix_v: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
                      causal: bool = False, scale: float | None = None,
-                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as `reference.prefix_attention`: (B, Hq, T, D) in q's dtype."""
+                     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Same contract as `reference.prefix_attention`: (B, Hq, T, D) in q's dtype; dropout_p is SDPA's
+    attention-probability dropout (0 = none, the reference's behaviour)."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
     if Hq % Hkv:
@@ -36,12 +37,12 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
 
     if attn_mask is None and not causal:
         if key_padding_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
         if P or bool(key_padding_mask.any(-1).all()):  # every query row sees a key: a (B, 1, 1, P+T) mask
             allowed = F.pad(key_padding_mask.bool(), (P, 0), value=True)[:, None, None, :]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, dropout_p=dropout_p)
     if attn_mask is None and causal and key_padding_mask is None and not P:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
 
     # the general mask, spelled out here rather than shared with the reference: the oracle stays independent
     allowed = torch.ones(B, 1, T, P + T, dtype=torch.bool, device=q.device)
@@ -52,10 +53,10 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     if attn_mask is not None:
         allowed = allowed & F.pad(attn_mask.bool(), (P, 0), value=True)
     if P:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, dropout_p=dropout_p)
     empty = ~allowed.any(-1, keepdim=True)  # (B, 1|H, T, 1): rows with no visible key
     if not bool(empty.any()):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, dropout_p=dropout_p)
     # let those rows see everything (a finite softmax), then zero them: no NaN forward or backward
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=scale, dropout_p=dropout_p)
     return out.masked_fill(empty, 0.0)

@@ -253,3 +253,32 @@ def test_every_mask_form_transformers_may_pass_gives_the_same_attention(causal):
         manual, _ = _manual_attention(module, q, k, v, allowed)
     real = padding[:, :, None].expand(B, T, Hq)
     torch.testing.assert_close(outs[0][real], manual[real])
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "bert"])
+def test_attention_dropout_option_draws_the_same_dropout_as_transformers_own_sdpa(arch):
+    # hidden-state dropout 0, attention-probability dropout 0.3: the only randomness is inside attention
+    fields = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
+    ids = torch.randint(3, 120, (3, 11))
+    hf = tiny_backbone(arch, attn_implementation="sdpa", **fields).train()
+    torch.manual_seed(5)
+    reference = hf(input_ids=ids).last_hidden_state
+    hf_eval = hf.eval()(input_ids=ids).last_hidden_state
+
+    ours = tiny_backbone(arch, **fields).train()  # the same seed: the same weights
+    prompts.use_prefix_attention(ours, attention_dropout=True)
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours(input_ids=ids).last_hidden_state, reference, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(reference, hf_eval, atol=1e-3)  # the dropout really acted
+    torch.testing.assert_close(ours.eval()(input_ids=ids).last_hidden_state, hf_eval, atol=1e-6, rtol=1e-6)
+    # off (the default): no attention-probability dropout in training either
+    prompts.use_prefix_attention(ours.train(), attention_dropout=False)
+    torch.testing.assert_close(ours(input_ids=ids).last_hidden_state, hf_eval, atol=1e-6, rtol=1e-6)
+
+
+def test_attention_dropout_config_reaches_the_attention_modules():
+    off = TransferModel(tiny_backbone(), config("prompts.length=0", "injection.length=2"))
+    on = TransferModel(tiny_backbone(), config("prompts.length=0", "injection.length=2", "model.attention_dropout=true"))
+    flag = prompts.ATTENTION_DROPOUT_FLAG
+    assert not any(getattr(m, flag) for m in off.backbone.modules())
+    assert all(getattr(m, flag) for m in on.backbone.modules())

@@ -144,7 +144,7 @@ class TransferModel(nn.Module):
             layers = resolve_layers(config.injection.layers, self.num_layers, config.injection.top_k)
             self.injection = PromptInjection(backbone.config, config.injection.length, layers,
                                              reparam=config.injection.reparam, reparam_hidden=config.injection.reparam_hidden)
-        use_prefix_attention(backbone)
+        use_prefix_attention(backbone, attention_dropout=config.model.attention_dropout)
 
         if config.model.task == "qa":
             self.head = QAHead(hidden)

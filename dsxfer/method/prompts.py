@@ -11,7 +11,8 @@ its own `layer_idx`. The function translates whatever mask transformers built in
 (a (B, T) key padding mask + a causal flag; a general 4D boolean mask only as a fallback) and runs
 `dsxfer.kernels.prefix_attention`. Layers without a prefix go through the same function with P = 0.
 Prefix keys are used as they are (no rotary embedding): they live directly in the rotated key space.
-The kernel applies no attention-probability dropout; the backbone's other dropouts are unchanged.
+The kernel applies no attention-probability dropout unless the model asks for it (model.attention_dropout:
+`use_prefix_attention(..., attention_dropout=True)`); the backbone's other dropouts are unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from dsxfer.errors import ConfigError, DataError
 
 ATTN_IMPLEMENTATION = "dsxfer_prefix"
+ATTENTION_DROPOUT_FLAG = "dsxfer_attention_dropout"  # set on the backbone's modules by use_prefix_attention
 
 # The prefixes of the forward pass in progress, per thread. A plain module attribute would do, but the
 # backbone's attention modules are called from inside its own forward, so the injection computes its
@@ -241,8 +243,10 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         raise NotImplementedError("prompt injection supports full-sequence forwards (no KV cache / generation)")
     # With a 4D mask, causality is already inside it; otherwise the module says whether it is causal.
     causal = attn_mask is None and bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    # transformers passes the module's attention dropout rate in training and 0 in eval
+    dropout_p = float(dropout) if getattr(module, ATTENTION_DROPOUT_FLAG, False) else 0.0
     out = prefix_attention(query, key, value, prefix_k, prefix_v, key_padding_mask=key_padding_mask,
-                           causal=causal, scale=scaling, attn_mask=attn_mask)
+                           causal=causal, scale=scaling, attn_mask=attn_mask, dropout_p=dropout_p)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -279,9 +283,12 @@ def register_attention() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def use_prefix_attention(backbone: nn.Module) -> None:
-    """Point the backbone (and its sub-configs) at the registered prefix attention."""
+def use_prefix_attention(backbone: nn.Module, *, attention_dropout: bool = False) -> None:
+    """Point the backbone (and its sub-configs) at the registered prefix attention; with attention_dropout, its
+    attention modules apply the attention-probability dropout rate transformers passes them in training."""
     register_attention()
+    for module in backbone.modules():
+        setattr(module, ATTENTION_DROPOUT_FLAG, bool(attention_dropout))
     if hasattr(backbone, "set_attn_implementation"):
         backbone.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
