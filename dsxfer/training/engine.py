@@ -13,6 +13,7 @@ line saying which value to change.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -82,7 +83,29 @@ def init_distributed() -> dict[str, int]:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(verbose=False)
         _unlink_shm_workspace(info["rank"])
+        atexit.register(shutdown_distributed)
     return info
+
+
+def shutdown_distributed() -> None:
+    """End distributed work while the interpreter is still whole (registered at exit by init_distributed).
+
+    gloo runs collectives on C++ worker threads. A worker that drops the last reference to a tensor
+    after interpreter finalization has begun needs the GIL to free it, cannot have it, and the rank
+    aborts with "terminate called without an active exception" (SIGABRT) after its work is done:
+    the launcher then reports the whole run as failed (pytorch/pytorch#190489). So: destroy the
+    groups (their threads are joined when no engine holds them any more), collect what only cycles
+    kept alive, and give the workers still releasing finished work a moment with the GIL free.
+    Calling it again, or without a group, does nothing.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    import gc
+    import time
+
+    torch.distributed.destroy_process_group()
+    gc.collect()
+    time.sleep(0.2)
 
 
 def shm_workspace_name(rank: int) -> str:
