@@ -92,7 +92,6 @@ def test_two_ranks_zero3_train_checkpoint_resume(tmp_path):
     assert max(float((resumed[k] - full[k]).abs().max()) for k in full) <= 1e-6
 
 
-
 # Each rank starts its world as every dsxfer entry point does, leaves gloo work behind in many
 # groups (as a ZeRO-3 engine does) inside a function, and returns: the process must end with status 0.
 EXIT_SCRIPT = """

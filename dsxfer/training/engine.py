@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -100,9 +102,6 @@ def shutdown_distributed() -> None:
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    import gc
-    import time
-
     torch.distributed.destroy_process_group()
     gc.collect()
     time.sleep(0.2)
